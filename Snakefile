@@ -1,0 +1,20 @@
+# wsss: weakly supervised semantic segmentation as one Snakemake DAG.
+# Run from the repository root: `snakemake --cores all` (local) or `snakemake --profile profiles/slurm`.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/classifier.smk"
+include: "rules/cam.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

@@ -1,0 +1,14 @@
+from wsss.data import open_dataset
+from wsss.data.stats import write_stats
+from wsss.workflow.adapter import logged
+
+with logged(snakemake):
+    cfg = snakemake.params.cfg
+    ds = open_dataset(cfg)
+    write_stats(
+        ds,
+        ds.splits(),
+        snakemake.output.stats,
+        snakemake.output.montage,
+        n_montage=cfg["stats"]["montage_images"],
+    )

@@ -1,0 +1,11 @@
+from wsss.pipeline import train_classifier
+from wsss.workflow.adapter import logged
+
+with logged(snakemake):
+    train_classifier(
+        snakemake.params.cfg,
+        snakemake.input.labels,
+        snakemake.output.model,
+        snakemake.params.work_dir,
+        threads=snakemake.threads,
+    )

@@ -1,0 +1,118 @@
+"""Multi-scale CAM inference into HDF5 shards (IRN ``make_cam``, irn_deeplab.md §1.3).
+
+Per image and scale ``s`` (default 1.0, 0.5, 1.5, 2.0): the image is rescaled (PIL bicubic), stacked
+with its horizontal flip (the flip pair is one batch of 2), and the method's ReLU'd CAM is fused as
+``cam[0] + flip(cam[1])``. Over scales the maps are summed after bilinear resizing
+(``align_corners=False``) to the strided size ``ceil(H/4) x ceil(W/4)`` (``cam``) and to
+``ceil(H/os)*os`` cropped to ``H x W`` (``high_res``; ``os`` = the backbone's output stride, 16 in
+IRN). Only the image's ground-truth classes are kept (``keys``), each normalised per class:
+``max`` (IRN: ``m / (max + 1e-5)``) or ``minmax`` (AEFT/ACR/KTSE ``max_norm``:
+``relu(m - min - 1e-5) / (max - min + 1e-5)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, List, Mapping, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .cams import CamShardWriter
+from .data.base import SegDataset
+from .data.classification import MultiScaleSet, identity_collate
+from .methods.base import Method
+
+log = logging.getLogger(__name__)
+
+NORMALISATIONS = ("max", "minmax")
+
+
+def normalise_maps(maps: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-class normalisation of ``K x h x w`` maps (see module docstring)."""
+    if maps.shape[0] == 0:
+        return maps
+    flat = maps.flatten(1)
+    mx = flat.max(dim=1).values[:, None, None]
+    if mode == "max":
+        return maps / (mx + 1e-5)
+    if mode == "minmax":
+        mn = flat.min(dim=1).values[:, None, None]
+        return F.relu(maps - mn - 1e-5) / (mx - mn + 1e-5)
+    raise ValueError(f"unknown CAM normalisation {mode!r}; valid: {', '.join(NORMALISATIONS)}")
+
+
+def strided_size(size: Tuple[int, int], stride: int) -> Tuple[int, int]:
+    return (math.ceil(size[0] / stride), math.ceil(size[1] / stride))
+
+
+@torch.no_grad()
+def fused_cams(method: Method, views: Sequence[torch.Tensor], size: Tuple[int, int], keys: np.ndarray, normalisation: str, device: torch.device):
+    """Fuse the multi-scale (flip-pair) views of one image into (``cam``, ``high_res``) numpy maps."""
+    h, w = size
+    os_ = method.output_stride
+    low_size = strided_size(size, 4)
+    up = strided_size(size, os_)
+    up_size = (up[0] * os_, up[1] * os_)
+    keys_t = torch.as_tensor(keys, dtype=torch.long, device=device)
+    low = torch.zeros((len(keys),) + low_size, device=device)
+    high = torch.zeros((len(keys),) + up_size, device=device)
+    for v in views:
+        out = method.cam(v.to(device))
+        o = out[0] + out[1].flip(-1) if out.shape[0] == 2 else out[0]
+        o = o[keys_t][None].float()
+        low += F.interpolate(o, low_size, mode="bilinear", align_corners=False)[0]
+        high += F.interpolate(o, up_size, mode="bilinear", align_corners=False)[0]
+    high = high[:, :h, :w]
+    low = normalise_maps(low, normalisation)
+    high = normalise_maps(high, normalisation)
+    return low.cpu().numpy(), high.cpu().numpy()
+
+
+def shard_ids(ids: Sequence[str], shard_index: int, num_shards: int) -> List[str]:
+    """Contiguous split of ``ids`` into ``num_shards`` parts (sizes differ by at most one)."""
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard {shard_index} out of range for {num_shards} shards")
+    bounds = np.linspace(0, len(ids), num_shards + 1).round().astype(int)
+    return list(ids[bounds[shard_index] : bounds[shard_index + 1]])
+
+
+def infer_cams(
+    method: Method,
+    ds: SegDataset,
+    ids: Sequence[str],
+    labels: Mapping[str, np.ndarray],
+    out_path: Path,
+    *,
+    scales: Sequence[float],
+    flip: bool,
+    normalisation: str,
+    resolved_config: Mapping[str, Any],
+    shard_index: int = 0,
+    num_shards: int = 1,
+    device: torch.device | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Compute CAMs of ``ids`` and write them to the HDF5 shard ``out_path`` (atomically)."""
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"unknown CAM normalisation {normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method.to(device).eval()
+    dataset = MultiScaleSet(ds, ids, labels, scales, flip)
+    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=identity_collate)
+    with CamShardWriter(
+        out_path, config=resolved_config, scales=scales, normalisation=normalisation,
+        shard_index=shard_index, num_shards=num_shards,
+    ) as writer:
+        for (sample,) in tqdm(loader, desc=f"CAM shard {shard_index + 1}/{num_shards}", disable=not progress, mininterval=2.0):
+            keys = np.nonzero(sample["label"])[0]
+            low, high = fused_cams(method, sample["views"], tuple(sample["size"]), keys, normalisation, device)
+            writer.add(sample["id"], keys, low, high)
+    log.info("wrote %d CAMs to %s", len(ids), out_path)
+    return Path(out_path)

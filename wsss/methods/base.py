@@ -1,0 +1,78 @@
+"""The method interface: one class per WSSS method, trained by the one engine (``wsss.engine``).
+
+A method owns its networks (a backbone from ``wsss.models`` plus heads) and exposes:
+
+* ``param_groups()``: parameter groups with an ``lr_mult`` (and optional ``weight_decay``) each;
+* ``losses(batch, ctx)``: a dict of *named, already weighted* loss terms; the engine sums them,
+  back-propagates once and logs every term;
+* ``cam(images)``: raw class activation maps ``B x C x h x w`` (ReLU'd, at feature resolution) that
+  multi-scale inference fuses; ``logits(images)``: image-level scores ``B x C``;
+* ``batch_size_for_epoch(epoch, base)``: the batch size of an epoch (AEFT switches it; default
+  constant);
+* ``train_step(batch, ctx, optimizer, scaler)`` (optional override): methods with several
+  optimisers or phases (ACR) take over the update; the default is one summed backward pass.
+
+``C`` is the number of foreground classes; methods with a background output (KTSE: C+1) still
+return only the foreground maps from ``cam``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from ..registry import Registry
+
+METHODS = Registry("method")
+
+
+@dataclass
+class StepContext:
+    """What a method may need to know about the current step."""
+
+    step: int
+    max_step: int
+    epoch: int
+    max_epoch: int
+    device: torch.device
+
+
+class Method(nn.Module):
+    """Base class; subclasses register themselves with ``@METHODS.register("name")``."""
+
+    name: str = "base"
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        raise NotImplementedError
+
+    def losses(self, batch: Dict[str, Any], ctx: StepContext) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def cam(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def batch_size_for_epoch(self, epoch: int, base: int) -> int:
+        return base
+
+    @property
+    def output_stride(self) -> int:
+        return self.backbone.output_stride
+
+
+def build_method(name: str, num_classes: int, backbone: nn.Module, **options: Any) -> Method:
+    """Build the registered method ``name``; unknown names raise KeyError listing valid ones."""
+    from . import cam  # noqa: F401  (registers the built-in methods)
+
+    return METHODS.build(name, num_classes=num_classes, backbone=backbone, **options)
+
+
+def list_methods() -> List[str]:
+    from . import cam  # noqa: F401
+
+    return METHODS.names()
