@@ -30,7 +30,7 @@ rule cam_shard:
 
 rule seed_eval:
     input:
-        shards=gather.cams(f"{RESULTS}/{{experiment}}/cams/shard-{{scatteritem}}.h5"),
+        shards=gather.cams(f"{RESULTS}/{{{{experiment}}}}/cams/shard-{{scatteritem}}.h5"),
     output:
         sweep=report(
             f"{RESULTS}/{{experiment}}/seeds/threshold_sweep.csv",

@@ -1,0 +1,128 @@
+"""Training engine: optimiser quirk switch, poly schedule, logging, checkpoint/resume equality."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from wsss.engine import TrainConfig, build_optimizer, effective_momentum, load_model_state, poly_scheduler, train
+from wsss.methods.base import build_method, list_methods
+from wsss.models import build_backbone
+
+
+class RandomSet(Dataset):
+    """Fixed random images with labels; augmentation-free so only the engine's RNG matters."""
+
+    def __init__(self, n=12, classes=3, size=32):
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.y = (torch.rand(n, classes, generator=g) > 0.5).float()
+        self.y[:, 0] = 1.0
+        self.epochs_seen = []
+
+    def set_epoch(self, epoch):
+        self.epochs_seen.append(epoch)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": self.y[i], "index": i}
+
+
+def make_method(seed=0, backbone="resnet18"):
+    torch.manual_seed(seed)
+    bb = build_backbone(backbone, pretrained="none", freeze_bn=False, trainable_from=None)
+    return build_method("cam", num_classes=3, backbone=bb)
+
+
+CFG = TrainConfig(epochs=3, batch_size=4, lr=0.01, seed=7, amp=False)
+RESOLVED = {"classifier": {"epochs": 3, "lr": 0.01}}
+
+
+def test_momentum_quirk_switch():
+    m = make_method()
+    ref = build_optimizer(m.param_groups(), TrainConfig(weight_decay=1e-4, momentum_mode="reference"))
+    std = build_optimizer(m.param_groups(), TrainConfig(weight_decay=1e-4, momentum_mode="standard", momentum=0.9))
+    assert all(g["momentum"] == pytest.approx(1e-4) for g in ref.param_groups)
+    assert all(g["momentum"] == pytest.approx(0.9) for g in std.param_groups)
+    assert all(g["weight_decay"] == pytest.approx(1e-4) for g in ref.param_groups)
+    assert effective_momentum(TrainConfig(weight_decay=5e-4)) == pytest.approx(5e-4)
+    with pytest.raises(ValueError, match="momentum_mode"):
+        TrainConfig(momentum_mode="nesterov")
+
+
+def test_head_lr_multiplier_and_poly_schedule():
+    m = make_method()
+    opt = build_optimizer(m.param_groups(), TrainConfig(lr=0.1))
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"backbone": pytest.approx(0.1), "head": pytest.approx(1.0)}
+    sched = poly_scheduler(opt, max_step=10, power=0.9)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(0.1)
+    assert seen[5] == pytest.approx(0.1 * (1 - 5 / 10) ** 0.9)
+    assert seen[10] == pytest.approx(seen[9]) == pytest.approx(seen[11])  # frozen after max_step
+
+
+def _params(m):
+    return torch.cat([p.detach().flatten() for p in m.state_dict().values() if p.dtype.is_floating_point])
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = make_method()
+    train(full, RandomSet(), CFG, tmp_path / "a" / "model.pt", tmp_path / "a", resolved_config=RESOLVED, progress=False)
+
+    part = make_method()
+    ckpt = train(part, RandomSet(), CFG, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=RESOLVED,
+                 stop_after_epochs=1, progress=False)
+    assert ckpt.name == "last.pt" and not (tmp_path / "b" / "model.pt").exists()
+    resumed = make_method(seed=99)  # a fresh process would start from different random weights
+    train(resumed, RandomSet(), CFG, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=RESOLVED, progress=False)
+
+    a = load_model_state(tmp_path / "a" / "model.pt")
+    b = load_model_state(tmp_path / "b" / "model.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=0, msg=k)
+    assert a["config_hash"] == b["config_hash"] and a["package_version"]
+
+    # the step log of the resumed run has every step once, in order, with each loss term
+    with open(tmp_path / "b" / "train_log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["step"]) for r in rows] == list(range(3 * 3))
+    assert {"loss_cls", "loss_total", "lr_backbone", "lr_head"} <= set(rows[0])
+    with open(tmp_path / "a" / "train_log.csv") as fh:
+        assert [r["loss_cls"] for r in csv.DictReader(fh)] == [r["loss_cls"] for r in rows]
+
+
+def test_checkpoint_of_other_config_is_refused(tmp_path):
+    m = make_method()
+    train(m, RandomSet(), CFG, tmp_path / "model.pt", tmp_path, resolved_config=RESOLVED, stop_after_epochs=1, progress=False)
+    with pytest.raises(RuntimeError, match="another config"):
+        train(make_method(), RandomSet(), CFG, tmp_path / "model.pt", tmp_path, resolved_config={"other": 1}, progress=False)
+
+
+def test_training_reduces_loss(tmp_path):
+    m = make_method()
+    cfg = TrainConfig(epochs=8, batch_size=4, lr=0.05, seed=1, amp=False, momentum_mode="standard")
+    train(m, RandomSet(), cfg, tmp_path / "model.pt", tmp_path, resolved_config=RESOLVED, progress=False)
+    with open(tmp_path / "train_log.csv") as fh:
+        losses = [float(r["loss_total"]) for r in csv.DictReader(fh)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+
+def test_too_few_images_for_a_batch(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        train(make_method(), RandomSet(n=3), CFG, tmp_path / "m.pt", tmp_path, resolved_config=RESOLVED, progress=False)
+
+
+def test_unknown_method_lists_valid_names():
+    with pytest.raises(KeyError, match="valid names: .*cam"):
+        build_method("nope", num_classes=3, backbone=None)
+    assert "cam" in list_methods()
