@@ -1,11 +1,14 @@
 # wsss: weakly supervised semantic segmentation as one Snakemake DAG.
 # Run from the repository root: `snakemake --cores all` (local) or `snakemake --profile profiles/slurm`.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# the config.yaml next to this file (also when run with --directory); --configfile adds to it
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "rules/common.smk"

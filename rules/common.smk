@@ -1,13 +1,10 @@
 # Shared helpers: config validation, paths, params and resources. Rules call only these names.
-import os
 import re
 import sys
 
-# Jobs (local, Slurm, conda envs) import the package from this checkout.
+# The Snakefile imports the package from this checkout; rule scripts do the same
+# (first line of each script in rules/scripts/), so conda envs need only the dependencies.
 sys.path.insert(0, workflow.basedir)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [workflow.basedir] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-)
 
 import wsss
 import wsss.workflow.resources as res

@@ -71,7 +71,6 @@ for _archive in wpaths.ARCHIVES_OF[CFG["dataset"]["name"]] if not CFG["dataset"]
             marker=wpaths.archive_marker(CFG, _archive),
         params:
             archive=_archive,
-            data_dir=CFG["dataset"]["data_dir"],
             options=wpaths.download_options(CFG, _archive),
         log:
             f"{LOGS}/download_{_archive}.log",
@@ -82,8 +81,8 @@ for _archive in wpaths.ARCHIVES_OF[CFG["dataset"]["name"]] if not CFG["dataset"]
         retries: 3
         conda:
             "../envs/data.yaml"
-        shell:
-            "python -m wsss.data.download {params.archive} --data-dir {params.data_dir} {params.options} --no-progress > {log} 2>&1"
+        script:
+            "scripts/download.py"
 
 
 rule voc_train_aug_list:
@@ -92,8 +91,7 @@ rule voc_train_aug_list:
     output:
         ids=f"{DATA_ROOT}/ImageSets/Segmentation/train_aug.txt",
     params:
-        root=DATA_ROOT,
-        given=wpaths.given_list_option(CFG),
+        given=CFG["voc12"]["train_aug_list"],
     log:
         f"{LOGS}/voc_train_aug_list.log",
     threads: 1
@@ -102,8 +100,8 @@ rule voc_train_aug_list:
         runtime=30,
     conda:
         "../envs/data.yaml"
-    shell:
-        "python -m wsss.data.voc {params.root} {params.given} > {log} 2>&1"
+    script:
+        "scripts/voc_train_aug_list.py"
 
 
 rule coco_masks:
@@ -112,7 +110,6 @@ rule coco_masks:
     output:
         marker=f"{DATA_ROOT}/mask/.complete",
     params:
-        root=DATA_ROOT,
         crowd=CFG["coco14"]["crowd"],
     log:
         f"{LOGS}/coco_masks.log",
@@ -122,5 +119,5 @@ rule coco_masks:
         runtime=120,
     conda:
         "../envs/data.yaml"
-    shell:
-        "python -m wsss.data.coco {params.root} --crowd {params.crowd} --no-progress > {log} 2>&1"
+    script:
+        "scripts/coco_masks.py"

@@ -136,8 +136,7 @@ def test_freeze_bn_false_trains_bn():
 
 @pytest.mark.parametrize("trainable_from", [None, "all", "stage2", "stage4"])
 def test_trainable_from(trainable_from):
-    # build_backbone drops None kwargs (unset config keeps the default), so build directly for None
-    model = BACKBONES.get("resnet18")(freeze_bn=False, trainable_from=trainable_from).train()
+    model = build_backbone("resnet18", freeze_bn=False, trainable_from=trainable_from).train()
     stages = ["stage1", "stage2", "stage3", "stage4"]
     first = 0 if trainable_from in (None, "all") else stages.index(trainable_from)
     taps = model.forward_dict(torch.randn(2, 3, 64, 64))
@@ -150,6 +149,11 @@ def test_trainable_from(trainable_from):
     _check_grads(model)
     assert model.conv1.weight.requires_grad == (first == 0)
     assert model.layer4[0].conv1.weight.requires_grad
+
+
+def test_trainable_from_default_when_unset():
+    assert build_backbone("resnet18").trainable_from == "stage3"
+    assert build_backbone("resnet18", trainable_from=None).trainable_from is None
 
 
 def test_trainable_from_invalid():
@@ -210,7 +214,8 @@ def test_resnet38_forward_backward(resnet38):
     taps["out"].mean().backward()
     _check_grads(resnet38)
     # default trainable_from="b3": conv1a and b2..b2_2 frozen, as AEFT/KTSE/HFPL/SMAF
-    frozen = {n.split(".")[0] for n, p in resnet38.named_parameters() if not p.requires_grad and "bn" not in n}
+    params = resnet38.named_parameters()
+    frozen = {n.split(".")[0] for n, p in params if not p.requires_grad and "bn" not in n}
     assert frozen == {"conv1a", "b2", "b2_1", "b2_2"}
     resnet38.zero_grad(set_to_none=True)
 

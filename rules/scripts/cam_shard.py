@@ -1,3 +1,4 @@
+import sys; sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
 from wsss.pipeline import infer_cam_shard
 from wsss.workflow.adapter import logged, scatter_index
 

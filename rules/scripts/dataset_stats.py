@@ -1,3 +1,4 @@
+import sys; sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
 from wsss.data import open_dataset
 from wsss.data.stats import write_stats
 from wsss.workflow.adapter import logged

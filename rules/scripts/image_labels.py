@@ -1,3 +1,4 @@
+import sys; sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
 from wsss.data import open_dataset, split_union
 from wsss.data.base import write_labels_csv
 from wsss.workflow.adapter import logged

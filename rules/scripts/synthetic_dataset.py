@@ -1,3 +1,4 @@
+import sys; sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
 from pathlib import Path
 
 from wsss.data.synthetic import generate_synthetic

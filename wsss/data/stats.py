@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from ..io import DataError, atomic_path, voc_palette
+from ..io import DataError, atomic_path
+from ..viz import overlay_labels
 from .base import SegDataset
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ SIZE_BINS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
 CAPTION_LINES = 3
 LINE_HEIGHT = 12
 CAPTION_PAD = 4
-OVERLAY_ALPHA = 0.5
+OVERLAY_ALPHA = 0.5  # ground truth drawn with wsss.viz.overlay_labels (palette colours, void white)
 
 COLUMNS = ["section", "split", "key", "value"]
 
@@ -175,21 +176,12 @@ def _wrap(draw: ImageDraw.ImageDraw, words: Sequence[str], font, width: int, lin
     return [_fit(draw, line, font, width) for line in out[:lines]]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """Blend the palette colour of every non-background pixel (255 included) into ``image``."""
-    pal = voc_palette().astype(np.float32)
-    out = image.astype(np.float32)
-    fg = mask != 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * pal[mask[fg]]
-    return np.clip(np.round(out), 0, 255).astype(np.uint8)
-
-
 def _tile(ds: SegDataset, image_id: str, tile: int, font) -> Image.Image:
     image = ds.load_image(image_id)
     mask = ds.load_mask(image_id)
     if image.shape[:2] != mask.shape:
         raise DataError(f"image {image_id!r}: image {image.shape[:2]} and mask {mask.shape} differ in size")
-    vis = Image.fromarray(overlay(image, mask))
+    vis = Image.fromarray(overlay_labels(image, mask, alpha=OVERLAY_ALPHA))
     h, w = mask.shape
     scale = tile / max(h, w)
     nw, nh = max(1, round(w * scale)), max(1, round(h * scale))

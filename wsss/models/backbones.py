@@ -12,9 +12,10 @@ Two freezing options are shared by all backbones:
   IRN's ``FixedBatchNorm`` and the ``train()`` override of the official ResNet-38 repos.
 * ``trainable_from``: the name of the first stage that trains. Earlier stages get
   ``requires_grad=False``, stay in eval mode and run under ``torch.no_grad()``, so their outputs
-  are detached (IRN's CAM net detaches after ``stage2``). ``None`` or ``"all"`` trains everything;
-  config files should write ``"all"``, because :meth:`Registry.build` drops ``None`` values and
-  would fall back to the default.
+  are detached (IRN's CAM net detaches after ``stage2``). ``None`` or ``"all"`` trains everything
+  (``build_backbone`` passes an explicit ``trainable_from=None`` on as ``"all"``, although
+  :meth:`Registry.build` drops other ``None`` values); leaving the key out keeps the backbone's
+  default (``"stage3"`` for the ResNets, ``"b3"`` for ResNet-38).
 
 Build backbones with :func:`build_backbone`; it looks the name up in :data:`BACKBONES` and loads
 weights with :func:`wsss.models.weights.load_pretrained`.
@@ -22,7 +23,7 @@ weights with :func:`wsss.models.weights.load_pretrained`.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -270,9 +271,12 @@ def build_backbone(name: str, pretrained: Optional[str] = "none", **kwargs: Any)
 
     ``pretrained`` is ``"none"`` (random init), ``"imagenet"`` (torchvision weights for the
     ResNets) or a path to a state_dict file; see :func:`wsss.models.weights.load_pretrained`.
-    Unknown names raise ``KeyError`` listing the registered names; ``None``-valued ``kwargs`` are
-    dropped so that unset config keys keep the defaults.
+    Unknown names raise ``KeyError`` listing the registered names. ``None``-valued ``kwargs`` are
+    dropped so that unset config keys keep the defaults, except ``trainable_from=None``, which
+    means "train every stage" and is passed on as ``"all"``.
     """
+    if "trainable_from" in kwargs and kwargs["trainable_from"] is None:
+        kwargs["trainable_from"] = _ALL
     model = BACKBONES.build(name, **kwargs)
     load_pretrained(model, "none" if pretrained is None else pretrained, name)
     return model
@@ -282,4 +286,4 @@ def list_backbones() -> List[str]:
     return BACKBONES.names()
 
 
-__all__: Sequence[str] = ["BACKBONES", "Backbone", "ResNet", "build_backbone", "list_backbones"]
+__all__ = ["BACKBONES", "Backbone", "ResNet", "build_backbone", "list_backbones"]

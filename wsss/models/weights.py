@@ -58,7 +58,9 @@ class LoadReport:
     unexpected: List[str]
 
 
-def load_pretrained(module: nn.Module, spec: Union[str, os.PathLike, None], arch: str) -> Optional[LoadReport]:
+def load_pretrained(
+    module: nn.Module, spec: Union[str, os.PathLike, None], arch: str
+) -> Optional[LoadReport]:
     """Load the weights named by ``spec`` into ``module`` (a backbone registered as ``arch``).
 
     Returns ``None`` for ``"none"``, else a :class:`LoadReport`. Raises
@@ -179,7 +181,11 @@ def load_state_dict_into(
             f"none of the {len(state)} keys in {source} matches a parameter of {what} "
             f"(file has e.g. {sorted(state)[:3]}, the backbone expects e.g. {list(own)[:3]})"
         )
-    bad = [f"{k}: file {tuple(v.shape)} vs backbone {tuple(own[k].shape)}" for k, v in matched.items() if v.shape != own[k].shape]
+    bad = [
+        f"{k}: file {tuple(v.shape)} vs backbone {tuple(own[k].shape)}"
+        for k, v in matched.items()
+        if v.shape != own[k].shape
+    ]
     if bad:
         raise PretrainedWeightsError(
             f"{len(bad)} tensors in {source} do not fit {what}: " + "; ".join(bad[:5])
@@ -192,7 +198,10 @@ def load_state_dict_into(
         len(matched), what, source, len(missing), len(unexpected),
     )
     if missing:
-        logger.warning("%d keys of %s not in %s (left at their initial values), e.g. %s", len(missing), what, source, missing[:5])
+        logger.warning(
+            "%d keys of %s not in %s (left at their initial values), e.g. %s",
+            len(missing), what, source, missing[:5],
+        )
     if unexpected:
         logger.debug("unused keys in %s: %s", source, unexpected)
     return LoadReport(source=source, loaded=len(matched), missing=missing, unexpected=unexpected)

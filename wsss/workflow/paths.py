@@ -39,24 +39,15 @@ def archive_marker(cfg: Mapping[str, Any], archive: str) -> str:
     return str(marker_path(archive, cfg["dataset"]["data_dir"]))
 
 
-def download_options(cfg: Mapping[str, Any], archive: str) -> str:
-    """Command-line options of ``python -m wsss.data.download`` from the ``download`` section."""
-    import shlex
-
+def download_options(cfg: Mapping[str, Any], archive: str) -> dict:
+    """Keyword overrides of :func:`wsss.data.download.prepare` from the ``download`` section."""
     d = cfg["download"]
-    opts = ["--timeout", str(d["timeout"])]
+    opts: dict = {"timeout": d["timeout"]}
     if archive in d["urls"]:
-        opts += ["--url", d["urls"][archive]]
+        opts["url"] = d["urls"][archive]
     if archive == "sbd_aug" and d["sbd_sha256"]:
-        opts += ["--sha256", d["sbd_sha256"]]
-    return " ".join(shlex.quote(o) for o in opts)
-
-
-def given_list_option(cfg: Mapping[str, Any]) -> str:
-    import shlex
-
-    given = cfg["voc12"]["train_aug_list"]
-    return f"--given-list {shlex.quote(given)}" if given else ""
+        opts["sha256"] = d["sbd_sha256"]
+    return opts
 
 
 def archive_inputs(cfg: Mapping[str, Any]):

@@ -1,0 +1,30 @@
+"""Shared fixtures: a tiny synthetic dataset in the VOC layout, generated once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    from wsss.data.synthetic import generate_synthetic
+
+    root = tmp_path_factory.mktemp("data") / "synthetic-tiny"
+    generate_synthetic(root, preset="tiny", seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_root):
+    """A validated config pointing at the tiny dataset, with small classifier settings."""
+    import yaml
+
+    from wsss.config import validate_config
+
+    raw = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    raw["dataset"]["root"] = str(tiny_root)
+    return validate_config(raw)
