@@ -27,7 +27,7 @@ rule image_labels:
     output:
         labels=f"{RESULTS}/labels.csv",
     params:
-        cfg=CFG,
+        cfg=stage_config(CFG),
     log:
         f"{LOGS}/image_labels.log",
     threads: 1
@@ -47,7 +47,7 @@ rule dataset_stats:
         stats=report(f"{RESULTS}/stats.csv", category="Dataset", caption="../report/stats.rst"),
         montage=report(f"{RESULTS}/montage.png", category="Dataset", caption="../report/montage.rst"),
     params:
-        cfg=CFG,
+        cfg=stage_config(CFG, "stats"),
     log:
         f"{LOGS}/dataset_stats.log",
     threads: 1

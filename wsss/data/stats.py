@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -224,9 +224,15 @@ def montage_ids(ds: SegDataset, splits: Sequence[str], n: int, seed: int = 0) ->
 
 def write_stats(ds: SegDataset, splits: Sequence[str], csv_path: str | Path, montage_path: str | Path,
                 n_montage: int = 16, seed: int = 0, tile: int = 160, on_missing: str = "skip",
-                progress: bool = True) -> pd.DataFrame:
-    """Write ``stats.csv`` (see module doc) and a ground-truth montage PNG, both atomically."""
+                progress: bool = True, provenance: Optional[Mapping[str, Any]] = None) -> pd.DataFrame:
+    """Write ``stats.csv`` (see module doc) and a ground-truth montage PNG, both atomically.
+
+    ``provenance`` (e.g. package version, config hash) is appended as rows of section ``provenance``.
+    """
     df = dataset_stats(ds, splits, on_missing=on_missing, progress=progress)
+    if provenance:
+        rows = [{"section": "provenance", "split": "", "key": k, "value": v} for k, v in provenance.items()]
+        df = pd.concat([df, pd.DataFrame(rows)], ignore_index=True)
     with atomic_path(csv_path) as tmp:
         df.to_csv(tmp, index=False)
     ids = montage_ids(ds, splits, n_montage, seed)

@@ -65,14 +65,24 @@ class Method(nn.Module):
         return self.backbone.output_stride
 
 
+def _load_builtin_methods() -> None:
+    """Import every module of ``wsss.methods`` so their ``@METHODS.register`` decorators run."""
+    import importlib
+    import pkgutil
+
+    from .. import methods as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if not info.name.startswith("_") and info.name != "base":
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
+
+
 def build_method(name: str, num_classes: int, backbone: nn.Module, **options: Any) -> Method:
     """Build the registered method ``name``; unknown names raise KeyError listing valid ones."""
-    from . import cam  # noqa: F401  (registers the built-in methods)
-
+    _load_builtin_methods()
     return METHODS.build(name, num_classes=num_classes, backbone=backbone, **options)
 
 
 def list_methods() -> List[str]:
-    from . import cam  # noqa: F401
-
+    _load_builtin_methods()
     return METHODS.names()
