@@ -192,10 +192,18 @@ def train(
                 f"checkpoint {ckpt_path} was made with another config (hash {state.get('config_hash')} != {chash}); "
                 "delete it (or the folder) to start over"
             )
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        try:
+            method.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise RuntimeError(
+                f"checkpoint {ckpt_path} (wsss {state.get('package_version')}) does not fit the model or optimizer "
+                f"built by wsss {__version__}: {e}. The code changed since it was written; delete it to start over"
+            ) from e
+        if state.get("package_version") != __version__:
+            log.warning("resuming a checkpoint of wsss %s with wsss %s", state.get("package_version"), __version__)
         start_epoch, step = state["epoch"] + 1, state["step"]
         log.info("resuming from %s after epoch %d (step %d)", ckpt_path, state["epoch"], step)
 

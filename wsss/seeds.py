@@ -31,11 +31,14 @@ def cam_to_label(high_res: np.ndarray, keys: np.ndarray, bg_threshold: float) ->
 
 
 def sweep_thresholds(store: CamStore, ds: SegDataset, ids: Sequence[str], thresholds: Sequence[float], progress: bool = True) -> Dict[float, ConfusionMatrix]:
-    """Confusion matrices of the seeds of ``ids`` at every threshold (each CAM read once)."""
+    """Confusion matrices of the seeds of ``ids`` at every threshold (each CAM read once).
+
+    The entry under key ``float("inf")`` is the all-background prediction (the reference any seed
+    must beat)."""
     missing = [i for i in ids if i not in store]
     if missing:
         raise KeyError(f"{len(missing)} image(s) of the evaluation split have no CAM, e.g. {missing[:5]}")
-    cms = {float(t): ConfusionMatrix(ds.num_classes) for t in thresholds}
+    cms = {float(t): ConfusionMatrix(ds.num_classes) for t in list(thresholds) + [float("inf")]}
     for image_id in tqdm(ids, desc="seed sweep", disable=not progress, mininterval=2.0):
         rec = store.get(image_id, fields=("keys", "high_res"))
         gt = ds.load_mask(image_id)
@@ -49,13 +52,18 @@ def sweep_thresholds(store: CamStore, ds: SegDataset, ids: Sequence[str], thresh
 def sweep_table(cms: Dict[float, ConfusionMatrix], class_names: Sequence[str], split: str) -> pd.DataFrame:
     """One row per threshold: mIoU, precision, recall, per-class IoU; the best mIoU is marked."""
     rows: List[dict] = []
+    reference = cms.get(float("inf"))
     for t, cm in sorted(cms.items()):
+        if t == float("inf"):
+            continue
         s = cm.summary(class_names)
         rows.append({"threshold": t, "split": split, **{k: v for k, v in s.items() if not k.startswith(("precision.", "recall."))}})
     df = pd.DataFrame(rows)
     best = int(df["miou"].idxmax())
     df["chosen_with_gt"] = False
     df.loc[best, "chosen_with_gt"] = True
+    if reference is not None:
+        df["all_background_miou"] = reference.miou
     return df
 
 
