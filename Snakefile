@@ -15,6 +15,7 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/classifier.smk"
 include: "rules/cam.smk"
+include: "rules/refine.smk"
 
 
 rule all:

@@ -54,8 +54,13 @@ def seed_eval_params(wildcards):
     return stage_config(EXPERIMENT_CFG[wildcards.experiment], "seed_eval")
 
 
+def crf_params(wildcards):
+    return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier", "cam", "crf")
+
+
 def all_targets():
     targets = [f"{RESULTS}/stats.csv", f"{RESULTS}/montage.png"]
     for e in EXPERIMENTS:
         targets += [f"{RESULTS}/{e}/seeds/threshold_sweep.csv", f"{RESULTS}/{e}/seeds/gallery.png"]
+        targets += [f"{RESULTS}/{e}/crf/metrics.csv"]
     return targets

@@ -39,7 +39,7 @@ def test_defaults_filled():
         ({"classifier": {"method": "gradcam"}}, r"'classifier.method': unknown method 'gradcam'; valid: .*cam"),
         ({"classifier": {"backbone": "vgg16"}}, r"'classifier.backbone': unknown backbone 'vgg16'; valid: .*resnet50"),
         ({"experiments": {"x": {"classifier": {"backbone": "vgg"}}}}, r"experiments.x.classifier.backbone"),
-        ({"experiments": {"x": {"crf": {}}}}, r"'crf' under 'experiments.x'"),
+        ({"experiments": {"x": {"dataset": {}}}}, r"'dataset' under 'experiments.x'"),
         ({"synthetic": {"overrides": {"num_clases": 3}}}, r"'synthetic.overrides': unknown generator parameter"),
     ],
 )

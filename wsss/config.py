@@ -118,7 +118,7 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, An
 
 
 #: Config sections that an experiment may override.
-EXPERIMENT_SECTIONS = ("classifier", "cam", "seed_eval")
+EXPERIMENT_SECTIONS = ("classifier", "cam", "seed_eval", "crf", "irn", "deeplab")
 #: Sections that describe the data (part of every stage's recorded config).
 DATA_SECTIONS = ("dataset", "synthetic", "voc12", "coco14")
 

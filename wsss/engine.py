@@ -11,6 +11,12 @@
   scheduler, scaler, epoch, step, resolved config, package version) is written atomically after
   every epoch, and training resumes from it after an interruption. The resumed run equals an
   uninterrupted one because all randomness is a function of (seed, epoch, index).
+* Multi-GPU (DDP): under ``torchrun`` (``WORLD_SIZE`` > 1) or with ``distributed=True`` the
+  process group is joined (NCCL on CUDA, gloo on CPU), each process reads its share of every epoch
+  through a ``DistributedSampler`` (``set_epoch`` per epoch), ``cfg.batch_size`` stays the *total*
+  batch (each process takes ``batch_size / world_size``), the method's ``losses`` run inside a
+  ``DistributedDataParallel`` wrapper (gradients averaged over processes), and only rank 0 writes
+  the step log (its own loss values), the checkpoints and the model file, with barriers around them.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -158,6 +165,7 @@ def train(
     stop_after_epochs: Optional[int] = None,
     progress: bool = True,
     on_epoch_end: Optional[Callable[[int], None]] = None,
+    distributed: Optional[bool] = None,
 ) -> Path:
     """Train ``method`` on ``train_set`` and write the final weights to ``out_path``.
 
@@ -165,8 +173,10 @@ def train(
     exists and was made with the same resolved config, training continues after its epoch; a
     checkpoint of another config is refused. ``stop_after_epochs`` ends this call early (used to
     test resuming). The final file holds ``model`` (state_dict), ``config``, ``config_hash``,
-    ``package_version`` and ``method``.
+    ``package_version`` and ``method``. ``distributed``: ``None`` = DDP when ``WORLD_SIZE`` > 1
+    (see the module docstring).
     """
+    world, rank, device = distributed_setup(distributed, device)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     work_dir = Path(work_dir)
     ckpt_path = work_dir / "last.pt"
@@ -175,7 +185,7 @@ def train(
     method.to(device)
 
     n = len(train_set)
-    epoch_steps = [steps_per_epoch(n, method.batch_size_for_epoch(e, cfg.batch_size), cfg.drop_last) for e in range(cfg.epochs)]
+    epoch_steps = [rank_steps_per_epoch(n, method.batch_size_for_epoch(e, cfg.batch_size), cfg.drop_last, world) for e in range(cfg.epochs)]
     max_step = sum(epoch_steps)
     if max_step == 0:
         raise ValueError(f"{n} training images give no full batch of {cfg.batch_size}; lower classifier.batch_size")
@@ -185,6 +195,8 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch, step = 0, 0
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 may have set a stale checkpoint aside before calling train
     if ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
         if state.get("config_hash") != chash:
@@ -197,6 +209,8 @@ def train(
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
+            if hasattr(method, "load_extra_state_dict"):  # a method's own state (ACR: 2nd optimiser)
+                method.load_extra_state_dict(state.get("method_extra"))
         except (RuntimeError, ValueError, KeyError) as e:
             raise RuntimeError(
                 f"checkpoint {ckpt_path} (wsss {state.get('package_version')}) does not fit the model or optimizer "
@@ -207,26 +221,38 @@ def train(
         start_epoch, step = state["epoch"] + 1, state["step"]
         log.info("resuming from %s after epoch %d (step %d)", ckpt_path, state["epoch"], step)
 
-    logger = StepLogger(work_dir / "train_log.csv", resume_step=step)
+    loss_fn = ddp_loss_fn(method, device) if world > 1 else None
+    logger = StepLogger(work_dir / "train_log.csv", resume_step=step) if rank == 0 else _NullLogger()
+    progress = progress and rank == 0
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if stop_after_epochs is not None and epoch >= start_epoch + stop_after_epochs:
                 return ckpt_path
-            torch.manual_seed(cfg.seed * 1000003 + epoch)  # dropout etc.: a function of (seed, epoch)
+            torch.manual_seed(cfg.seed * 1000003 + epoch + 7919 * rank)  # dropout etc.: a function of (seed, epoch, rank)
             if hasattr(train_set, "set_epoch"):
                 train_set.set_epoch(epoch)
             bs = method.batch_size_for_epoch(epoch, cfg.batch_size)
             gen = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
-            loader = DataLoader(
-                train_set, batch_size=bs, shuffle=True, drop_last=cfg.drop_last, generator=gen,
-                num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
-            )
+            if world > 1:
+                sampler = torch.utils.data.DistributedSampler(
+                    train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=cfg.drop_last,
+                )
+                sampler.set_epoch(epoch)
+                loader = DataLoader(
+                    train_set, batch_size=bs // world, sampler=sampler, drop_last=cfg.drop_last,
+                    num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                )
+            else:
+                loader = DataLoader(
+                    train_set, batch_size=bs, shuffle=True, drop_last=cfg.drop_last, generator=gen,
+                    num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                )
             method.train()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=2.0)
             for batch in bar:
                 batch = _to_device(batch, device)
                 ctx = StepContext(step=step, max_step=max_step, epoch=epoch, max_epoch=cfg.epochs, device=device)
-                terms = train_step(method, batch, ctx, optimizer, scaler, use_amp)
+                terms = train_step(method, batch, ctx, optimizer, scaler, use_amp, loss_fn=loss_fn)
                 lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
                 scheduler.step()
                 row = {"step": step, "epoch": epoch, **lrs, **terms}
@@ -234,29 +260,39 @@ def train(
                 bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
                 step += 1
             logger.flush()
-            save_checkpoint(
-                ckpt_path, model=method.state_dict(), optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                config=dict(resolved_config), config_hash=chash,
-            )
+            if rank == 0:
+                save_checkpoint(
+                    ckpt_path, model=method.state_dict(), optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
+                    config=dict(resolved_config), config_hash=chash,
+                    **({"method_extra": method.extra_state_dict()} if hasattr(method, "extra_state_dict") else {}),
+                )
+            if world > 1:
+                torch.distributed.barrier()
             log.info("epoch %d done (step %d): %s", epoch, step, {k: round(v, 5) for k, v in terms.items()})
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
     finally:
         logger.close()
 
-    save_model(out_path, method, resolved_config)
+    if rank == 0:
+        save_model(out_path, method, resolved_config)
+    if world > 1:
+        torch.distributed.barrier()
     return Path(out_path)
 
 
-def train_step(method: Method, batch, ctx: StepContext, optimizer, scaler, use_amp: bool) -> Dict[str, float]:
-    """One update; a method may override it with its own ``train_step`` (several optimisers/phases)."""
+def train_step(
+    method: Method, batch, ctx: StepContext, optimizer, scaler, use_amp: bool, loss_fn: Optional[Callable] = None
+) -> Dict[str, float]:
+    """One update; a method may override it with its own ``train_step`` (several optimisers/phases).
+    ``loss_fn`` replaces ``method.losses`` (the DDP wrapper of :func:`ddp_loss_fn`)."""
     custom = getattr(method, "train_step", None)
     if custom is not None:
         return custom(batch, ctx, optimizer, scaler)
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type=ctx.device.type, enabled=use_amp):
-        terms = method.losses(batch, ctx)
+        terms = (loss_fn or method.losses)(batch, ctx)
     if not terms:
         raise RuntimeError(f"method {method.name!r} returned no loss terms")
     total = sum(terms.values())
@@ -268,6 +304,74 @@ def train_step(method: Method, batch, ctx: StepContext, optimizer, scaler, use_a
     out = {f"loss_{k}": float(v.detach()) for k, v in terms.items()}
     out["loss_total"] = float(total.detach())
     return out
+
+
+class _NullLogger:
+    """Step logger of ranks other than 0: writes nothing."""
+
+    def write(self, row: Dict[str, Any]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def distributed_setup(distributed: Optional[bool], device: Optional[torch.device]):
+    """``(world_size, rank, device)``; joins the process group when distributed and not joined yet.
+
+    ``distributed=None`` means "when ``WORLD_SIZE`` > 1" (torchrun). On CUDA the device becomes
+    ``cuda:LOCAL_RANK`` unless a device with an index is given. Single process: ``(1, 0, device)``.
+    """
+    import torch.distributed as dist
+
+    if distributed is None:
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (dist.is_available() and dist.is_initialized())
+    if not distributed:
+        return 1, 0, device
+    if not dist.is_available():
+        raise RuntimeError("distributed training requested but torch.distributed is not available")
+    use_cuda = (device.type == "cuda") if device is not None else torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda and (device is None or device.index is None):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_world_size(), dist.get_rank(), device
+
+
+def rank_steps_per_epoch(n_images: int, batch_size: int, drop_last: bool, world_size: int = 1) -> int:
+    """Steps of one epoch in each process: ``DistributedSampler`` gives every rank
+    ``floor(n / world)`` (``drop_last``) or ``ceil(n / world)`` samples, taken ``batch_size / world``
+    at a time. ``world_size=1`` is :func:`steps_per_epoch`."""
+    if world_size == 1:
+        return steps_per_epoch(n_images, batch_size, drop_last)
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} processes of the distributed run")
+    per_rank = n_images // world_size if drop_last else math.ceil(n_images / world_size)
+    return steps_per_epoch(per_rank, batch_size // world_size, drop_last)
+
+
+class _LossModule(torch.nn.Module):
+    """Routes DDP's ``forward`` to ``method.losses``, so DDP's gradient hooks see the loss graph."""
+
+    def __init__(self, method: Method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, batch, ctx):
+        return self.method.losses(batch, ctx)
+
+
+def ddp_loss_fn(method: Method, device: torch.device) -> Callable:
+    """``method.losses`` behind ``DistributedDataParallel`` (gradients averaged over processes)."""
+    if getattr(method, "train_step", None) is not None:
+        raise NotImplementedError(f"method {method.name!r} has its own train_step; distributed training does not support it")
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(_LossModule(method), device_ids=ids)
 
 
 def save_model(path: Path, method: Method, resolved_config: Mapping[str, Any]) -> None:

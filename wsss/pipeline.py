@@ -51,7 +51,10 @@ def train_classifier(cfg: Mapping[str, Any], labels_csv: str, model_out: str, wo
     ds = open_dataset(cfg)
     labels = read_labels_csv(labels_csv, ds.class_names)
     ids = select_labelled(ds.ids(cfg["dataset"]["train_split"]), labels, c["on_unlabelled"])
-    transform = TrainTransform(resize_long=tuple(c["resize_long"]), crop_size=c["crop_size"], hflip=c["hflip"])
+    transform = TrainTransform(
+        resize_long=tuple(c["resize_long"]), crop_size=c["crop_size"], hflip=c["hflip"],
+        color_jitter=tuple(c["color_jitter"]) if c["color_jitter"] else None, color_jitter_p=c["color_jitter_p"],
+    )
     train_set = ClassificationTrainSet(ds, ids, labels, transform, seed=c["seed"])
     _set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
     torch.manual_seed(c["seed"])
@@ -133,3 +136,74 @@ def evaluate_seeds(cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: st
             captions.append(f"{ids[i]}: " + ", ".join(ds.class_names[k + 1] for k in rec.keys))
         gallery(rows, gallery_png, titles=["image", "ground truth", "CAM 1", "CAM 2", "CAM 3", f"seed (t={t:g})"], row_labels=captions)
     return df
+
+
+# --------------------------------------------------------------------------------------------
+# mask-producing shards (CRF, IR labels, IRN): PNGs in a folder named after the config hash, one
+# JSON marker per shard as the tracked output
+
+
+def masks_dir(base: str | Path, resolved: Mapping[str, Any]) -> Path:
+    """``<base>/masks-<config hash>``: masks made with other settings never mix with these, and a
+    resumed shard only reuses PNGs made with the same settings."""
+    return Path(base) / f"masks-{config_hash(resolved)}"
+
+
+def write_shard_marker(path: str | Path, *, kind: str, ids: Sequence[str], mask_dir: Path, resolved: Mapping[str, Any]) -> None:
+    from .io import write_json_atomic
+
+    write_json_atomic(path, {
+        "kind": kind, "mask_dir": str(mask_dir), "ids": list(ids), "num_images": len(ids),
+        "config_hash": config_hash(resolved), "package_version": __version__, "config": dict(resolved),
+    })
+
+
+def read_shard_markers(paths: Sequence[str | Path]) -> tuple[Path, list]:
+    """The mask folder and ids recorded by shard markers (all shards must share one folder)."""
+    import json
+
+    dirs, ids = set(), []
+    for p in paths:
+        m = json.loads(Path(p).read_text())
+        dirs.add(m["mask_dir"])
+        ids += m["ids"]
+    if len(dirs) != 1:
+        raise ValueError(f"shard markers {list(map(str, paths))} point at different mask folders: {sorted(dirs)}")
+    return Path(dirs.pop()), ids
+
+
+def crf_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+    """CRF masks of one shard of the CAM images (wsss.refine.crf), resumable."""
+    from .cam_infer import shard_ids
+    from .cams import CamStore
+    from .refine.crf import crf_masks_shard
+
+    ds = open_dataset(cfg)
+    resolved = stage_config(cfg, "classifier", "cam", "crf")
+    out_dir = masks_dir(Path(marker).parent, resolved)
+    ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    with CamStore(cam_paths) as store:
+        stats = crf_masks_shard(ds, store, ids, out_dir, cfg["crf"], progress=progress, workers=threads)
+    log.info("CRF shard %d/%d: %s", shard_index + 1, num_shards, stats)
+    write_shard_marker(marker, kind="crf", ids=ids, mask_dir=out_dir, resolved=resolved)
+    return Path(marker)
+
+
+def evaluate_mask_shards(cfg: Mapping[str, Any], markers: Sequence[str], out_csv: str, out_per_class: str, kind: str) -> Dict[str, Any]:
+    """Metrics (mIoU, precision, recall, coverage, per-class IoU) of masks on the evaluation split."""
+    from .metrics import write_metrics_csv
+    from .refine.crf import evaluate_masks
+
+    ds = open_dataset(cfg)
+    mask_dir, _ = read_shard_markers(markers)
+    split = cfg["dataset"]["eval_split"]
+    cm = evaluate_masks(ds, ds.ids(split), mask_dir)
+    row = {"kind": kind, "split": split, **cm.summary(ds.class_names), "package_version": __version__,
+           "mask_dir": str(mask_dir)}
+    write_metrics_csv(out_csv, row)
+    table = cm.per_class_table(ds.class_names)
+    from .io import atomic_path
+
+    with atomic_path(out_per_class) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+    return row

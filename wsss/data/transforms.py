@@ -1,15 +1,16 @@
 """Image transforms of the CAM stages (the IRN recipe, irn_deeplab.md §0.2 and §1.2).
 
-Training: random long-side resize (PIL bicubic), horizontal flip, ImageNet normalisation, random
-crop with zero padding (0 = the mean colour after normalisation). Inference: multi-scale resize
-with flips. Every number comes from the caller (config); randomness comes from an explicit
-``numpy.random.Generator`` so augmentation is reproducible whatever the number of workers.
+Training: random long-side resize (PIL bicubic), horizontal flip, optional colour jitter (AEFT,
+methods.md §0.3), ImageNet normalisation, random crop with zero padding (0 = the mean colour after
+normalisation). Inference: multi-scale resize with flips. Every number comes from the caller
+(config); randomness comes from an explicit ``numpy.random.Generator`` so augmentation is
+reproducible whatever the number of workers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -72,21 +73,71 @@ def random_crop(arrays: Sequence[np.ndarray], crop: int, rng: np.random.Generato
     return out
 
 
+def color_jitter(
+    img: np.ndarray, strength: Sequence[float], p: float, rng: np.random.Generator
+) -> np.ndarray:
+    """torchvision's ``RandomApply([ColorJitter(b, c, s, h)], p)`` on a uint8 HxWx3 image, drawn from ``rng``.
+
+    With probability ``p``: brightness, contrast and saturation factors uniform in
+    ``[max(0, 1 - v), 1 + v]``, a hue shift uniform in ``[-h, h]``, applied in a random order with
+    torchvision's PIL functional ops (what AEFT's loader does, methods.md §0.3). A zero strength
+    skips that adjustment, as in torchvision.
+    """
+    if rng.random() >= p:
+        return img
+    from torchvision.transforms import functional as TF
+
+    b, c, s, h = (float(v) for v in strength)
+    factors = [
+        float(rng.uniform(max(0.0, 1.0 - b), 1.0 + b)) if b > 0 else None,
+        float(rng.uniform(max(0.0, 1.0 - c), 1.0 + c)) if c > 0 else None,
+        float(rng.uniform(max(0.0, 1.0 - s), 1.0 + s)) if s > 0 else None,
+        float(rng.uniform(-h, h)) if h > 0 else None,
+    ]
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    pil = Image.fromarray(np.ascontiguousarray(img))
+    for i in rng.permutation(4):
+        if factors[i] is not None:
+            pil = ops[i](pil, factors[i])
+    return np.asarray(pil)
+
+
 @dataclass(frozen=True)
 class TrainTransform:
-    """The IRN classification-training transform; all numbers from config."""
+    """The IRN classification-training transform; all numbers from config.
+
+    ``color_jitter`` = (brightness, contrast, saturation, hue) strengths applied with probability
+    ``color_jitter_p`` after the flip (AEFT: (0.4, 0.4, 0.4, 0.1), p = 0.8); ``None`` (default)
+    disables it and draws no random numbers, so other recipes are unchanged.
+    """
 
     resize_long: Tuple[int, int] = (320, 640)
     crop_size: int = 512
     hflip: bool = True
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
+    color_jitter: Optional[Tuple[float, float, float, float]] = None
+    color_jitter_p: float = 0.8
+
+    def __post_init__(self):
+        if self.color_jitter is not None:
+            cj = tuple(float(v) for v in self.color_jitter)
+            if len(cj) != 4 or any(v < 0 for v in cj) or cj[3] > 0.5:
+                raise ValueError(
+                    "color_jitter must be four non-negative strengths (brightness, contrast, saturation, hue) "
+                    f"with hue <= 0.5, got {self.color_jitter!r}"
+                )
+            object.__setattr__(self, "color_jitter", cj)
+        if not 0.0 <= self.color_jitter_p <= 1.0:
+            raise ValueError(f"color_jitter_p must lie in [0, 1], got {self.color_jitter_p!r}")
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         lo, hi = self.resize_long
         img = resize_long(img, int(rng.integers(lo, hi + 1)))
         if self.hflip and rng.random() < 0.5:
             img = img[:, ::-1]
+        if self.color_jitter is not None:
+            img = color_jitter(img, self.color_jitter, self.color_jitter_p, rng)
         x = normalize(img, self.mean, self.std)
         (x,) = random_crop([x], self.crop_size, rng, pad_values=[0.0])
         return np.ascontiguousarray(x.transpose(2, 0, 1))

@@ -77,12 +77,29 @@ def _load_builtin_methods() -> None:
             importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
+#: Suffix of the ISL/FSL add-on (HFPL): ``"<method>+islfsl"`` wraps any registered method that
+#: implements the protocol of ``wsss.methods.islfsl`` (docs/methods/islfsl.md).
+ISLFSL_SUFFIX = "+islfsl"
+
+
 def build_method(name: str, num_classes: int, backbone: nn.Module, **options: Any) -> Method:
-    """Build the registered method ``name``; unknown names raise KeyError listing valid ones."""
+    """Build the registered method ``name``; unknown names raise KeyError listing valid ones.
+
+    ``"<method>+islfsl"`` builds ``<method>`` wrapped by the ISL/FSL add-on; its options are
+    ``options["islfsl"]`` (a mapping), every other option goes to ``<method>``.
+    """
     _load_builtin_methods()
+    if name.endswith(ISLFSL_SUFFIX):
+        from .islfsl import build_islfsl
+
+        return build_islfsl(name[: -len(ISLFSL_SUFFIX)], num_classes=num_classes, backbone=backbone, **options)
     return METHODS.build(name, num_classes=num_classes, backbone=backbone, **options)
 
 
 def list_methods() -> List[str]:
+    """Registered names plus ``"<name>+islfsl"`` for each method that supports the add-on."""
     _load_builtin_methods()
-    return METHODS.names()
+    from .islfsl import supports_islfsl
+
+    names = METHODS.names()
+    return sorted(names + [n + ISLFSL_SUFFIX for n in names if supports_islfsl(METHODS.get(n))])

@@ -45,3 +45,18 @@ class CAMMethod(Method):
 
     def cam(self, images: torch.Tensor) -> torch.Tensor:
         return F.relu(self.classifier(self.backbone(images)))
+
+    # -- ISL/FSL add-on protocol (wsss.methods.islfsl, docs/methods/islfsl.md) ------------------
+    #: the loss term that is the GAP classification loss (ISL mixes with it)
+    islfsl_cls_term = "cls"
+
+    def features_and_cams(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One forward pass: backbone ``features``, raw (pre-ReLU) ``cams`` = the classifier at every
+        position, and ``logits`` = their GAP (equal to :meth:`logits`: the classifier is linear)."""
+        feats = self.backbone(images)
+        cams = self.classifier(feats)
+        return {"features": feats, "cams": cams, "logits": cams.mean(dim=(2, 3))}
+
+    def losses_from_outputs(self, batch: Dict[str, Any], ctx: StepContext, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """:meth:`losses` computed from :meth:`features_and_cams` outputs of ``batch["image"]``."""
+        return {"cls": self.cls_weight * F.multilabel_soft_margin_loss(outputs["logits"], batch["label"])}

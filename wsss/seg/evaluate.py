@@ -1,0 +1,277 @@
+"""Inference and evaluation of the segmentation network (KTSE/BECO ``test_step`` + ``test.py``, §3.4).
+
+Inference of one image (:func:`predict_probs`):
+
+* optional ``test_size`` (h, w): the image is first resized to it (bilinear) - BECO resizes every
+  val image to 512x512 (aspect ratio distorted) and scores the upsampled logits on the original
+  ground truth; ``None`` (default) keeps the original size;
+* for each scale ``s`` of ``scales`` the (resized) image is rescaled (bilinear, size
+  ``round(h*s) x round(w*s)``), normalised and run; with ``flip`` its horizontal flip is run in the
+  same batch and flipped back;
+* every view's logits are resized bilinearly (``align_corners=False``) to the original H x W and
+  fused: ``fusion="mean"`` (default) averages the softmax probabilities of all views;
+  ``fusion="max"`` takes the pixel-wise maximum of the logits and then the softmax (BECO
+  ``test_msc``; BECO takes the max on the stride-8 grid of the 512x512 input before upsampling,
+  here it is taken after upsampling, and BECO's scale list [1.0, 0.75, 1.0, 1.25] is
+  [0.75, 1.0, 1.25] since a repeated view does not change a maximum);
+* optional DeepLab test-time CRF on the fused probabilities
+  (:func:`wsss.refine.crf.deeplab_crf`, imported lazily; ``crf_params`` are its keyword options;
+  ``crf_image="parity"`` feeds it BECO's image - RGB minus (122.675, 116.669, 104.008) cast to
+  uint8, i.e. truncated and wrapped modulo 256 as x86 numpy does - instead of the raw image);
+  the label is the argmax.
+
+Predictions are written as palette PNGs ``<out_dir>/<id>.png`` (class indices, VOC colours), so
+they are both viewable and readable back with :func:`wsss.io.read_label_png`.
+:func:`predict_to_dir` skips ids whose PNG exists (resumable; PNGs are written atomically), so
+shards of an id list can run as parallel CPU jobs; :func:`evaluate_predictions` reads them back and
+scores them with :mod:`wsss.metrics` (mIoU, per-class IoU / precision / recall, J&F with
+:class:`~wsss.metrics.BoundaryAccumulator`), writing a one-row metrics CSV (with the package version
+and config hash), a per-class CSV and an image | ground truth | prediction gallery.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .. import __version__
+from ..config import config_hash
+from ..data.base import SegDataset
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, rescale, resize
+from ..io import DataError, read_label_png, voc_palette, write_label_png
+from ..metrics import BoundaryAccumulator, ConfusionMatrix, write_metrics_csv
+from .params import CRF_IMAGES, FUSIONS
+
+log = logging.getLogger(__name__)
+
+#: Mean BECO subtracts before handing the image to the CRF (``MeanSub``, RGB order).
+BECO_CRF_MEAN = (122.675, 116.669, 104.008)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How one image is predicted; see the module docstring."""
+
+    scales: Tuple[float, ...] = (1.0,)
+    flip: bool = False
+    fusion: str = "mean"
+    test_size: Optional[Tuple[int, int]] = None
+    crf: bool = False
+    crf_params: Mapping[str, Any] = field(default_factory=dict)
+    crf_image: str = "raw"
+    mean: Tuple[float, float, float] = IMAGENET_MEAN
+    std: Tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.crf_image not in CRF_IMAGES:
+            raise ValueError(f"crf_image must be one of {CRF_IMAGES}, got {self.crf_image!r}")
+        if not self.scales or any(s <= 0 for s in self.scales):
+            raise ValueError(f"scales must be a non-empty list of positive numbers, got {self.scales!r}")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "InferenceSettings":
+        ts = params.get("test_size")
+        return cls(
+            scales=tuple(float(s) for s in params["test_scales"]), flip=bool(params["flip"]), fusion=params["fusion"],
+            test_size=None if ts is None else (int(ts[0]), int(ts[1])), crf=bool(params["crf"]),
+            crf_params=dict(params.get("crf_params") or {}), crf_image=params.get("crf_image", "raw"),
+        )
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    return out["out"] if isinstance(out, Mapping) else out
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, img: np.ndarray, settings: InferenceSettings, device: Optional[torch.device] = None) -> np.ndarray:
+    """Fused class probabilities ``C x H x W`` (float32) of one uint8 RGB image (model in eval mode)."""
+    if device is None:
+        first = next(iter(model.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    h, w = img.shape[:2]
+    base = img if settings.test_size is None else resize(img, tuple(settings.test_size), Image.BILINEAR)
+    fused: Optional[torch.Tensor] = None
+    n_views = 0
+    for s in settings.scales:
+        view = base if s == 1.0 else rescale(base, s, Image.BILINEAR)
+        x = torch.from_numpy(np.ascontiguousarray(normalize(view, settings.mean, settings.std).transpose(2, 0, 1)))[None]
+        if settings.flip:
+            x = torch.cat([x, x.flip(-1)])
+        logits = _logits(model, x.to(device)).float()
+        if settings.flip:
+            logits = torch.cat([logits[:1], logits[1:].flip(-1)])
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        for lg in logits:
+            if settings.fusion == "mean":
+                p = torch.softmax(lg, dim=0)
+                fused = p if fused is None else fused + p
+            else:
+                fused = lg if fused is None else torch.maximum(fused, lg)
+            n_views += 1
+    probs = fused / n_views if settings.fusion == "mean" else torch.softmax(fused, dim=0)
+    return probs.cpu().numpy().astype(np.float32, copy=False)
+
+
+def beco_crf_image(img: np.ndarray) -> np.ndarray:
+    """BECO's CRF input: ``uint8(RGB - mean)`` with negative values wrapped (see module docstring)."""
+    x = img.astype(np.float32) - np.asarray(BECO_CRF_MEAN, np.float32)
+    return np.ascontiguousarray((np.trunc(x).astype(np.int64) % 256).astype(np.uint8))
+
+
+def predict_label(model: torch.nn.Module, img: np.ndarray, settings: InferenceSettings, device: Optional[torch.device] = None) -> np.ndarray:
+    """uint8 ``H x W`` label map of one image (argmax of the fused, optionally CRF-refined probabilities)."""
+    probs = predict_probs(model, img, settings, device)
+    if settings.crf:
+        from ..refine.crf import deeplab_crf  # lazy: pydensecrf is only needed with crf on
+
+        crf_img = beco_crf_image(img) if settings.crf_image == "parity" else img
+        out = np.asarray(deeplab_crf(crf_img, probs, **dict(settings.crf_params)))
+        if out.ndim == 3:
+            probs = out
+        elif out.ndim == 2:
+            return out.astype(np.uint8)
+        else:
+            raise ValueError(f"deeplab_crf returned an array of shape {out.shape}; expected C x H x W probabilities")
+    return probs.argmax(axis=0).astype(np.uint8)
+
+
+def prediction_path(out_dir: str | Path, image_id: str) -> Path:
+    return Path(out_dir) / f"{image_id}.png"
+
+
+class _ImageSet(Dataset):
+    def __init__(self, ds: SegDataset, ids: Sequence[str]):
+        self.ds, self.ids = ds, list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int):
+        return self.ids[i], self.ds.load_image(self.ids[i])
+
+
+def _as_is(item):
+    """Collate function keeping a sample (id, uint8 image) as it is (no tensor conversion)."""
+    return item
+
+
+def predict_to_dir(
+    model: torch.nn.Module,
+    ds: SegDataset,
+    ids: Sequence[str],
+    out_dir: str | Path,
+    settings: InferenceSettings,
+    *,
+    device: Optional[torch.device] = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    desc: str = "predict",
+) -> Dict[str, int]:
+    """Write ``<out_dir>/<id>.png`` for every id without one; returns ``{"written": n, "skipped": m}``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = [i for i in ids if not prediction_path(out_dir, i).exists()]
+    skipped = len(ids) - len(todo)
+    if skipped:
+        log.info("%d of %d predictions already in %s; computing %d", skipped, len(ids), out_dir, len(todo))
+    if not todo:
+        return {"written": 0, "skipped": skipped}
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    palette = voc_palette()
+    loader = DataLoader(_ImageSet(ds, todo), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
+    for image_id, img in tqdm(loader, total=len(todo), desc=desc, disable=not progress, mininterval=2.0):
+        label = predict_label(model, img, settings, device)
+        write_label_png(prediction_path(out_dir, image_id), label, palette=palette)
+    return {"written": len(todo), "skipped": skipped}
+
+
+def read_prediction(pred_dir: str | Path, image_id: str, shape: Tuple[int, int]) -> np.ndarray:
+    path = prediction_path(pred_dir, image_id)
+    if not path.exists():
+        raise DataError(f"prediction not found: {path} (did every predict shard finish?)")
+    pred = read_label_png(path)
+    if pred.shape != tuple(shape):
+        raise DataError(f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but the ground truth is {shape[1]}x{shape[0]}")
+    return pred
+
+
+def evaluate_predictions(
+    ds: SegDataset,
+    ids: Sequence[str],
+    pred_dir: str | Path,
+    metrics_csv: str | Path,
+    per_class_csv: str | Path,
+    *,
+    resolved_config: Mapping[str, Any],
+    split: str = "",
+    gallery_png: str | Path | None = None,
+    gallery_images: int = 8,
+    bound_th: float = 0.008,
+    extra: Optional[Mapping[str, Any]] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Score the prediction PNGs of ``ids`` against the dataset's ground truth; returns the metrics row.
+
+    The row holds ``ConfusionMatrix.summary()`` (mIoU, mean precision / recall, pixel accuracy and
+    per-class ``iou.<c>``, ``precision.<c>``, ``recall.<c>``), the J&F scores of
+    ``BoundaryAccumulator.summary()`` (``J_mean``, ``F_mean``, ``JF``, ... and per class), plus
+    ``split``, ``package_version``, ``config_hash`` (of ``resolved_config``) and ``extra``.
+    The per-class CSV has one row per class (IoU, precision, recall, pixel counts, J, F).
+    """
+    ids = list(ids)
+    if not ids:
+        raise DataError("no images to evaluate")
+    names = list(ds.class_names)
+    cm = ConfusionMatrix(ds.num_classes, ignore_index=255)
+    ba = BoundaryAccumulator(ds.num_classes, ignore_index=255, bound_th=bound_th)
+    for image_id in tqdm(ids, desc="evaluate", disable=not progress, mininterval=2.0):
+        gt = ds.load_mask(image_id)
+        pred = read_prediction(pred_dir, image_id, gt.shape)
+        cm.update(gt, pred)
+        ba.update(gt, pred)
+    row: Dict[str, Any] = {"split": split, "package_version": __version__, "config_hash": config_hash(resolved_config)}
+    row.update(dict(extra or {}))
+    row.update(cm.summary(names))
+    bsum = ba.summary(names)
+    bsum.pop("num_images", None)
+    row.update(bsum)
+    write_metrics_csv(metrics_csv, row)
+
+    table = cm.per_class_table(names)
+    table["J"] = ba.class_j()
+    table["F"] = ba.class_f()
+    table["boundary_pairs"] = ba.pairs
+    write_metrics_csv(per_class_csv, table.to_dict("records"))
+
+    if gallery_png is not None:
+        write_gallery(ds, ids, pred_dir, gallery_png, gallery_images)
+    log.info("mIoU %.4f, J&F %.4f on %d images", row["miou"], row["JF"], len(ids))
+    return row
+
+
+def write_gallery(ds: SegDataset, ids: Sequence[str], pred_dir: str | Path, path: str | Path, n: int) -> None:
+    """Rows of image | ground truth | prediction (VOC colours) for ``n`` images drawn with seed 0."""
+    from ..viz import gallery
+
+    palette = voc_palette()
+    rng = np.random.default_rng(0)
+    pick = sorted(rng.choice(len(ids), size=min(max(1, n), len(ids)), replace=False))
+    rows: List[List[np.ndarray]] = []
+    for i in pick:
+        img, gt = ds.load_image(ids[i]), ds.load_mask(ids[i])
+        pred = read_prediction(pred_dir, ids[i], gt.shape)
+        rows.append([img, palette[gt], palette[pred]])
+    gallery(rows, path, titles=["image", "ground truth", "prediction"], row_labels=[ids[i] for i in pick])

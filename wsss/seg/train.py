@@ -1,0 +1,102 @@
+"""The segmentation network as a :class:`wsss.methods.base.Method`, trained by :func:`wsss.engine.train`.
+
+Plain DeepLab training on pseudo-masks (the stage KTSE/BECO's co-training replaces with two
+networks; see docs/deeplab.md):
+
+* ``losses()`` = ``{"ce": per-pixel cross-entropy, ignore_index 255}``. ``ce_normalisation``:
+  ``"valid"`` averages over the non-ignored pixels (PyTorch's ``reduction="mean"``);
+  ``"all"`` divides the summed loss by *all* pixels of the batch, as BECO's
+  ``mean(CE(reduction="none") * m)`` does (ignored and unconfident pixels count in the
+  denominator with loss 0). A batch without any valid pixel gives a zero loss (not NaN).
+* ``param_groups()``: backbone at ``lr x 1``, new head at ``lr x head_lr_mult``. BECO uses one lr for
+  all parameters (``head_lr_mult = 1``, §3.3); the original DeepLab-v2 recipe uses 10.
+* Optimiser: SGD with real momentum 0.9 (engine ``momentum_mode="standard"``), poly power 0.9.
+
+This method is *not* registered in :data:`wsss.methods.base.METHODS` (that registry holds the
+image-level classifier methods).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..engine import TrainConfig
+from ..methods.base import Method, StepContext
+from .models import SegModel, build_seg_model
+from .params import CE_NORMALISATIONS
+
+IGNORE_INDEX = 255
+
+
+def segmentation_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX, normalisation: str = "valid") -> torch.Tensor:
+    """Cross-entropy of ``B x C x H x W`` logits against ``B x H x W`` targets (see module docstring)."""
+    if normalisation not in CE_NORMALISATIONS:
+        raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {normalisation!r}")
+    if logits.shape[-2:] != target.shape[-2:]:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ in size")
+    per_pixel = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
+    if normalisation == "all":
+        return per_pixel.sum() / per_pixel.numel()
+    valid = (target != ignore_index).sum()
+    return per_pixel.sum() / valid.clamp(min=1)
+
+
+class SegmentationMethod(Method):
+    """A :class:`SegModel` trained with cross-entropy on (pseudo-)masks."""
+
+    name = "deeplab"
+
+    def __init__(self, model: SegModel, head_lr_mult: float = 1.0, ce_normalisation: str = "all", ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        if ce_normalisation not in CE_NORMALISATIONS:
+            raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {ce_normalisation!r}")
+        self.model = model
+        self.head_lr_mult = float(head_lr_mult)
+        self.ce_normalisation = ce_normalisation
+        self.ignore_index = int(ignore_index)
+
+    @property
+    def backbone(self):
+        return self.model.backbone
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.model(images)
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        head_ids = {id(p) for m in self.model.head_modules() for p in m.parameters()}
+        head = [p for p in self.model.parameters() if id(p) in head_ids and p.requires_grad]
+        rest = [p for p in self.model.parameters() if id(p) not in head_ids and p.requires_grad]
+        return [
+            {"name": "backbone", "params": rest, "lr_mult": 1.0},
+            {"name": "head", "params": head, "lr_mult": self.head_lr_mult},
+        ]
+
+    def losses(self, batch: Dict[str, Any], ctx: StepContext) -> Dict[str, torch.Tensor]:
+        logits = self.model(batch["image"])["out"]
+        return {"ce": segmentation_ce(logits, batch["mask"], self.ignore_index, self.ce_normalisation)}
+
+
+def build_seg_method(params: Mapping[str, Any], num_classes: int, pretrained: str | None = None) -> SegmentationMethod:
+    """The configured network wrapped as a method (``pretrained`` overrides ``params``, e.g. 'none'
+    when weights are loaded from a trained model file)."""
+    model = build_seg_model(
+        params["model"], num_classes, backbone=params["backbone"],
+        pretrained=pretrained or params["pretrained"], freeze_bn=bool(params["freeze_bn"]), **dict(params["model_options"]),
+    )
+    return SegmentationMethod(model, head_lr_mult=params["head_lr_mult"], ce_normalisation=params["ce_normalisation"])
+
+
+def seg_train_config(params: Mapping[str, Any]) -> TrainConfig:
+    """Engine settings of the stage: SGD with real momentum (``"standard"``), poly schedule."""
+    return TrainConfig(
+        epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
+        weight_decay=float(params["weight_decay"]), momentum_mode="standard", momentum=float(params["momentum"]),
+        poly_power=float(params["poly_power"]), amp=bool(params["amp"]), seed=int(params["seed"]), drop_last=True,
+    )
