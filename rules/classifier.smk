@@ -5,6 +5,7 @@ rule train_classifier:
     input:
         ready=dataset_ready(),
         labels=f"{RESULTS}/labels.csv",
+        init=classifier_inputs,
     output:
         model=f"{RESULTS}/{{experiment}}/classifier/model.pt",
         log_csv=report(

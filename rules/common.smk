@@ -7,6 +7,7 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 import wsss
+import wsss.pipeline as wsss_pipeline
 import wsss.workflow.resources as res
 from wsss.config import (
     ConfigError,
@@ -44,6 +45,11 @@ def dataset_ready():
 # Params are the config subset a stage depends on, so a change elsewhere does not rerun it.
 def classifier_params(wildcards):
     return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier")
+
+
+def classifier_inputs(wildcards):
+    """Other experiments' model files this experiment's training starts from (SMAF, ACR)."""
+    return wsss_pipeline.classifier_inputs(EXPERIMENT_CFG[wildcards.experiment])
 
 
 def cam_params(wildcards):

@@ -175,6 +175,18 @@ def test_every_rule_declares_threads_mem_and_runtime(declared):
     assert not missing, "\n".join(missing)
 
 
+def test_memory_and_runtime_grow_with_attempt_in_every_rule(declared):
+    """Also rules outside the default DAGs (checked numerically below): mem_mb and runtime must be
+    functions of `attempt` -- the helpers of wsss/workflow/resources.py, or an expression using it."""
+    constant = []
+    for d in declared:
+        keys = d.resource_keys()
+        for k, helper in (("mem_mb", "res.mem_mb("), ("runtime", "res.runtime(")):
+            if d.has_action and k in keys and not (keys[k].startswith(helper) or "attempt" in keys[k]):
+                constant.append(f"{d.where} rule {d.name}: {k}={keys[k]} (use {helper}...))")
+    assert not constant, "\n".join(constant)
+
+
 def test_training_and_inference_rules_request_gpu_1(declared):
     torch_rules = [d for d in declared if d.has_action and GPU_ENV in d.directives.get("conda", "")]
     assert {"train_classifier", "cam_shard"} <= {d.name for d in torch_rules}
@@ -248,7 +260,7 @@ def test_every_job_requests_memory_and_runtime(evaluated, declared):
 
 def test_second_attempt_asks_for_more_memory_and_time(evaluated, declared):
     """`--retries` only helps a job killed for memory or time if the retry asks for more."""
-    bad, seen = [], set()
+    bad, seen = {}, set()
     for dataset in DATASETS:
         first, second = evaluated[(dataset, 1)], evaluated[(dataset, 2)]
         assert set(first) == set(second), (dataset, set(first) ^ set(second))
@@ -259,10 +271,10 @@ def test_second_attempt_asks_for_more_memory_and_time(evaluated, declared):
             for r1, r2 in zip(first[rule], second[rule]):
                 for k in ("mem_mb", "runtime"):
                     if not int(r2[k]) > int(r1[k]):
-                        bad.append(f"{rule} ({dataset}): {k} {r1[k]} at attempt 1, {r2[k]} at attempt 2")
+                        bad[(rule, k)] = f"{rule}: {k} {r1[k]} at attempt 1, {r2[k]} at attempt 2"
     assert {"train_classifier", "cam_shard"} <= seen
-    assert not bad, ("use res.mem_mb(...)/res.runtime(...) (wsss/workflow/resources.py) for:\n"
-                     + "\n".join(sorted(set(bad))))
+    assert not bad, ("use res.mem_mb(...) / res.runtime(...) of wsss/workflow/resources.py in:\n"
+                     + "\n".join(sorted(bad.values())))
 
 
 def test_jobs_request_gpu_1_exactly_where_declared_and_no_site_settings(evaluated, declared):

@@ -107,7 +107,7 @@ def snakemake(workdir: Path, *args: str, limit: int = 900, check: bool = True) -
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=clean_env(), stdin=subprocess.DEVNULL)
     proc.stdout += proc.stderr  # snakemake logs to stderr; keep one stream to search
     if proc.returncode in (124, 137):
-        pytest.fail(f"snakemake ran past {limit} s:\n{proc.stdout[-8000:]}", pytrace=False)
+        pytest.fail(f"snakemake ran past {limit} s (rc {proc.returncode}):\n{proc.stdout[-8000:]}", pytrace=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-10000:]}")
     return proc

@@ -40,6 +40,16 @@ def build_classifier(cfg: Mapping[str, Any], num_classes: int, pretrained: Optio
     return build_method(c["method"], num_classes=num_classes, backbone=backbone, **c["method_options"])
 
 
+def classifier_inputs(cfg: Mapping[str, Any]) -> list:
+    """Model files an experiment's classifier training reads besides the data: SMAF's teacher
+    (another experiment's ``model.pt``), ACR's initialisations; Snakemake makes them inputs so the
+    DAG trains them first."""
+    from .methods.acr import init_inputs
+    from .methods.smaf import teacher_inputs
+
+    return teacher_inputs(cfg) + init_inputs(cfg)
+
+
 def classifier_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return stage_config(cfg, "classifier")
 

@@ -295,7 +295,9 @@ def _load_part(module: nn.Module, path: str, prefix: str, what: str) -> None:
     model = state.get("model", {})
     sub = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
     if not sub:
-        raise ValueError(f"ACR {what} {path}: no '{prefix}*' weights (method {state.get('method')!r}); it must be a model.pt of an 'acr' run")
+        raise ValueError(
+            f"ACR {what} {path}: no '{prefix}*' weights (method {state.get('method')!r}); it must be a model.pt of an 'acr' run"
+        )
     try:
         module.load_state_dict(sub)
     except RuntimeError as e:
@@ -391,7 +393,7 @@ class ACRMethod(Method):
         c = self.classifier
         return [
             {"name": "backbone", "params": [p for p in c.backbone.parameters() if p.requires_grad], "lr_mult": 1.0},
-            {"name": "head", "params": [p for p in list(c.fc8.parameters()) + list(c.fc9.parameters()) if p.requires_grad], "lr_mult": self.head_lr_mult},
+            {"name": "head", "params": [p for p in [c.fc8.weight, c.fc9.weight] if p.requires_grad], "lr_mult": self.head_lr_mult},
         ]
 
     def _recon_groups(self) -> List[Dict[str, Any]]:

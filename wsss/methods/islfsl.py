@@ -334,7 +334,9 @@ class ISLFSL(Method):
         return terms
 
 
-def build_islfsl(base_name: str, num_classes: int, backbone: nn.Module, islfsl: Optional[Mapping[str, Any]] = None, **options: Any) -> ISLFSL:
+def build_islfsl(
+    base_name: str, num_classes: int, backbone: nn.Module, islfsl: Optional[Mapping[str, Any]] = None, **options: Any
+) -> ISLFSL:
     """Build ``"<base_name>+islfsl"``: the registered base with ``options``, wrapped by :class:`ISLFSL`
     with the ``islfsl`` options (unknown names raise ``TypeError``)."""
     if base_name.endswith(SUFFIX):
