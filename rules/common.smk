@@ -64,9 +64,14 @@ def crf_params(wildcards):
     return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier", "cam", "crf")
 
 
+def irn_params(wildcards):
+    return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier", "cam", "irn")
+
+
 def all_targets():
     targets = [f"{RESULTS}/stats.csv", f"{RESULTS}/montage.png"]
     for e in EXPERIMENTS:
         targets += [f"{RESULTS}/{e}/seeds/threshold_sweep.csv", f"{RESULTS}/{e}/seeds/gallery.png"]
         targets += [f"{RESULTS}/{e}/crf/metrics.csv"]
+        targets += [f"{RESULTS}/{e}/irn/ir_labels/metrics.csv", f"{RESULTS}/{e}/irn/masks/metrics.csv"]
     return targets

@@ -526,7 +526,6 @@ def _ir_labels_on_disk(tmp_path, images, seed=0):
 
 
 def test_train_irn_with_engine_and_resume(tmp_path):
-    torch.set_num_threads(1)
     images = random_images(4, size=(70, 90))
     ds = FakeDS(images)
     labels = _ir_labels_on_disk(tmp_path, images)

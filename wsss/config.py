@@ -95,6 +95,19 @@ def _check_names(cfg: Dict[str, Any]) -> None:
                 f"config key '{where}.backbone': unknown backbone {c['backbone']!r}; valid: {', '.join(list_backbones())}"
             )
 
+    from .refine.irn import IRLabelParams, IRNInferParams, IRNTrainParams
+
+    for where, c in [("irn", cfg["irn"])] + [(f"experiments.{n}.irn", o.get("irn", {})) for n, o in cfg["experiments"].items()]:
+        for sub, cls in (("ir_label", IRLabelParams), ("train", IRNTrainParams), ("infer", IRNInferParams)):
+            if sub in c:
+                values = dict(c[sub])
+                if sub == "train" and values.get("pretrained") == "classifier":
+                    values["pretrained"] = "none"  # resolved to the classifier's model file by the workflow
+                try:
+                    cls.from_mapping(values)
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"config key '{where}.{sub}': {e}") from None
+
     unknown = sorted(set(cfg["synthetic"]["overrides"]) - set(synthetic.PRESETS[cfg["synthetic"]["preset"]]))
     if unknown:
         raise ConfigError(

@@ -217,3 +217,144 @@ def evaluate_mask_shards(cfg: Mapping[str, Any], markers: Sequence[str], out_csv
     with atomic_path(out_per_class) as tmp:
         table.to_csv(tmp, index=False, float_format="%.6g")
     return row
+
+
+def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv: str, marker: str, shard_index: int, num_shards: int) -> Path:
+    """CAM seeds at the chosen background threshold as PNG label maps (a pseudo-mask source)."""
+    import pandas as pd
+
+    from .cam_infer import shard_ids
+    from .cams import CamStore
+    from .io import voc_palette, write_label_png
+    from .seeds import cam_to_label, chosen_threshold
+
+    ds = open_dataset(cfg)
+    t = chosen_threshold(pd.read_csv(sweep_csv))
+    resolved = dict(stage_config(cfg, "classifier", "cam", "seed_eval"), seed_threshold=t)
+    out_dir = masks_dir(Path(marker).parent, resolved)
+    ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pal = voc_palette()
+    with CamStore(cam_paths) as store:
+        for image_id in ids:
+            path = out_dir / f"{image_id}.png"
+            if not path.exists():
+                rec = store.get(image_id, fields=("keys", "high_res"))
+                write_label_png(path, cam_to_label(rec.high_res, rec.keys, t), pal)
+    write_shard_marker(marker, kind="seeds", ids=ids, mask_dir=out_dir, resolved=resolved)
+    return Path(marker)
+
+
+def deeplab_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """What the DeepLab stage depends on: its own section, plus the upstream stages that made the
+    pseudo-masks it trains on (none when it trains on the ground truth)."""
+    upstream = {"seeds": ("classifier", "cam", "seed_eval"), "crf": ("classifier", "cam", "crf"),
+                "irn": ("classifier", "cam", "irn"), "gt": ()}[cfg["deeplab"]["pseudo_masks"]]
+    return stage_config(cfg, *upstream, "deeplab")
+
+
+def train_deeplab(cfg: Mapping[str, Any], mask_markers: Sequence[str], conf_markers: Sequence[str], model_out: str, work_dir: str, threads: int = 1, progress: bool = True) -> Path:
+    from .seg.stages import train_segmentation
+
+    ds = open_dataset(cfg)
+    p = cfg["deeplab"]
+    mask_dir = read_shard_markers(mask_markers)[0] if p["pseudo_masks"] != "gt" else None
+    conf_dir = read_shard_markers(conf_markers)[0] if (p["use_confidence"] and conf_markers) else None
+    ids = ds.ids(cfg["dataset"]["train_split"])
+    return train_segmentation(ds, ids, mask_dir, conf_dir, p, model_out, work_dir, threads=threads,
+                              resolved_config=deeplab_config(cfg), progress=progress)
+
+
+def deeplab_predict_shard(cfg: Mapping[str, Any], model_path: str, marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+    from .seg.stages import predict_shard
+
+    ds = open_dataset(cfg)
+    resolved = deeplab_config(cfg)
+    out_dir = masks_dir(Path(marker).parent, resolved)
+    ids = ds.ids(cfg["dataset"]["eval_split"])
+    predict_shard(ds, ids, model_path, cfg["deeplab"], out_dir, shard_index, num_shards, threads=threads, progress=progress)
+    from .cam_infer import shard_ids
+
+    write_shard_marker(marker, kind="deeplab", ids=shard_ids(ids, shard_index, num_shards), mask_dir=out_dir, resolved=resolved)
+    return Path(marker)
+
+
+def evaluate_deeplab(cfg: Mapping[str, Any], markers: Sequence[str], metrics_csv: str, per_class_csv: str, gallery_png: str, progress: bool = True):
+    from .seg.evaluate import evaluate_predictions
+
+    ds = open_dataset(cfg)
+    pred_dir, _ = read_shard_markers(markers)
+    split = cfg["dataset"]["eval_split"]
+    return evaluate_predictions(
+        ds, ds.ids(split), pred_dir, metrics_csv, per_class_csv, resolved_config=deeplab_config(cfg), split=split,
+        gallery_png=gallery_png, gallery_images=cfg["deeplab"]["gallery_images"], bound_th=cfg["deeplab"]["bound_th"],
+        extra={"pseudo_masks": cfg["deeplab"]["pseudo_masks"]}, progress=progress,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# IRN (wsss.refine.irn)
+
+
+def irn_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    return stage_config(cfg, "classifier", "cam", "irn")
+
+
+def ir_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+    from .cam_infer import shard_ids
+    from .cams import CamStore
+    from .refine.irn import make_ir_labels
+
+    ds = open_dataset(cfg)
+    resolved = dict(stage_config(cfg, "classifier", "cam"), irn_ir_label=cfg["irn"]["ir_label"])
+    out_dir = masks_dir(Path(marker).parent, resolved)
+    ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    with CamStore(cam_paths) as store:
+        stats = make_ir_labels(ds, store, ids, out_dir, cfg["irn"]["ir_label"], workers=threads, progress=progress)
+    log.info("IR labels shard %d/%d: %s", shard_index + 1, num_shards, stats)
+    write_shard_marker(marker, kind="ir_labels", ids=ids, mask_dir=out_dir, resolved=resolved)
+    return Path(marker)
+
+
+def irn_backbone_source(cfg: Mapping[str, Any], classifier_model: str) -> Dict[str, Any]:
+    """The ``irn.train`` parameters with ``pretrained: classifier`` replaced by the classifier's
+    model file (its backbone weights; offline runs have no ImageNet weights)."""
+    params = dict(cfg["irn"]["train"])
+    if params.get("pretrained") == "classifier":
+        params["pretrained"] = str(classifier_model)
+    return params
+
+
+def train_irn_stage(cfg: Mapping[str, Any], label_markers: Sequence[str], classifier_model: str, model_out: str, work_dir: str, threads: int = 1, progress: bool = True) -> Path:
+    from .refine.irn import train_irn
+
+    ds = open_dataset(cfg)
+    label_dir, _ = read_shard_markers(label_markers)
+    ids = ds.ids(cfg["dataset"]["train_split"])
+    infer_ids = ds.ids("train") if "train" in ds.splits() else ids  # IRN: mean shift over infer_list = train
+    device, workers = device_and_workers(threads)
+    _set_aside_stale_checkpoint(Path(work_dir) / "last.pt", irn_config(cfg))
+    return train_irn(ds, ids, label_dir, model_out, work_dir, irn_backbone_source(cfg, classifier_model),
+                     infer_ids=infer_ids, resolved_config=irn_config(cfg), device=device, num_workers=workers,
+                     progress=progress)
+
+
+def irn_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], model_path: str, marker: str, conf_marker: Optional[str], shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+    from .cam_infer import shard_ids
+    from .cams import CamStore
+    from .refine.irn import make_irn_masks
+
+    ds = open_dataset(cfg)
+    resolved = irn_config(cfg)
+    out_dir = masks_dir(Path(marker).parent, resolved)
+    conf_dir = masks_dir(Path(conf_marker).parent, resolved) if conf_marker else None
+    ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    device, _ = device_and_workers(threads)
+    with CamStore(cam_paths) as store:
+        stats = make_irn_masks(ds, store, ids, model_path, out_dir, cfg["irn"]["infer"], conf_dir=conf_dir,
+                               device=device, progress=progress)
+    log.info("IRN masks shard %d/%d: %s", shard_index + 1, num_shards, stats)
+    write_shard_marker(marker, kind="irn", ids=ids, mask_dir=out_dir, resolved=resolved)
+    if conf_marker:
+        write_shard_marker(conf_marker, kind="irn_confidence", ids=ids, mask_dir=conf_dir, resolved=resolved)
+    return Path(marker)
