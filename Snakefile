@@ -16,6 +16,7 @@ include: "rules/data.smk"
 include: "rules/classifier.smk"
 include: "rules/cam.smk"
 include: "rules/refine.smk"
+include: "rules/deeplab.smk"
 
 
 rule all:

@@ -68,10 +68,41 @@ def irn_params(wildcards):
     return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier", "cam", "irn")
 
 
-def all_targets():
-    targets = [f"{RESULTS}/stats.csv", f"{RESULTS}/montage.png"]
-    for e in EXPERIMENTS:
-        targets += [f"{RESULTS}/{e}/seeds/threshold_sweep.csv", f"{RESULTS}/{e}/seeds/gallery.png"]
-        targets += [f"{RESULTS}/{e}/crf/metrics.csv"]
-        targets += [f"{RESULTS}/{e}/irn/ir_labels/metrics.csv", f"{RESULTS}/{e}/irn/masks/metrics.csv"]
+def deeplab_params(wildcards):
+    return wsss_pipeline.deeplab_config(EXPERIMENT_CFG[wildcards.experiment])
+
+
+def _shard_markers(folder, scatter_name, wildcards):
+    n = CFG[scatter_name]["shards"] if scatter_name != "seeds" else CFG["cam"]["shards"]
+    return [f"{RESULTS}/{wildcards.experiment}/{folder}/shard-{i}-of-{n}.json" for i in range(1, n + 1)]
+
+
+def deeplab_mask_markers(wildcards):
+    """Shard markers of the pseudo-masks DeepLab trains on (none for ground truth)."""
+    source = EXPERIMENT_CFG[wildcards.experiment]["deeplab"]["pseudo_masks"]
+    folder = {"seeds": ("seeds/masks", "seeds"), "crf": ("crf", "crf"), "irn": ("irn/masks", "irn"), "gt": None}[source]
+    return _shard_markers(*folder, wildcards) if folder else []
+
+
+def deeplab_confidence_markers(wildcards):
+    d = EXPERIMENT_CFG[wildcards.experiment]["deeplab"]
+    return _shard_markers("irn/confidence", "irn", wildcards) if d["use_confidence"] and d["pseudo_masks"] == "irn" else []
+
+
+def experiment_targets(e):
+    """Final outputs of experiment ``e`` (pseudo-mask evaluations are skipped for ground-truth
+    DeepLab runs, which need no pseudo-masks)."""
+    targets = [f"{RESULTS}/{e}/deeplab/metrics.csv"]
+    if EXPERIMENT_CFG[e]["deeplab"]["pseudo_masks"] != "gt":
+        targets += [f"{RESULTS}/{e}/seeds/threshold_sweep.csv", f"{RESULTS}/{e}/seeds/gallery.png",
+                    f"{RESULTS}/{e}/crf/metrics.csv", f"{RESULTS}/{e}/irn/ir_labels/metrics.csv",
+                    f"{RESULTS}/{e}/irn/masks/metrics.csv"]
     return targets
+
+
+def summary_inputs():
+    return [t for e in EXPERIMENTS for t in experiment_targets(e)]
+
+
+def all_targets():
+    return [f"{RESULTS}/stats.csv", f"{RESULTS}/montage.png", f"{RESULTS}/tables/summary.csv"]

@@ -108,6 +108,10 @@ def _check_names(cfg: Dict[str, Any]) -> None:
                 except (TypeError, ValueError) as e:
                     raise ConfigError(f"config key '{where}.{sub}': {e}") from None
 
+    fs = cfg["tables"]["fully_supervised"]
+    if fs is not None and fs not in cfg["experiments"]:
+        raise ConfigError(f"config key 'tables.fully_supervised': {fs!r} is not an experiment; configured: {sorted(cfg['experiments'])}")
+
     unknown = sorted(set(cfg["synthetic"]["overrides"]) - set(synthetic.PRESETS[cfg["synthetic"]["preset"]]))
     if unknown:
         raise ConfigError(
@@ -142,6 +146,7 @@ def experiment_config(cfg: Mapping[str, Any], name: str) -> Dict[str, Any]:
         raise ConfigError(f"unknown experiment {name!r}; configured: {', '.join(sorted(cfg['experiments']))}")
     merged = deep_merge(cfg, cfg["experiments"][name])
     merged["experiments"] = {name: {}}
+    merged["tables"] = dict(merged.get("tables", {}), fully_supervised=None)  # a workflow-level setting
     try:
         return validate_config(merged)
     except ConfigError as e:
