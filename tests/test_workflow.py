@@ -49,6 +49,9 @@ def test_default_dag_dry_run(tmp_path):
     counts = job_counts(out)
     assert counts["synthetic_dataset"] == 1 and counts["dataset_stats"] == 1
     assert counts["train_classifier"] == 1 and counts["cam_shard"] == 2 and counts["seed_eval"] == 1
+    assert counts["crf_shard"] == 2 and counts["ir_labels_shard"] == 2 and counts["train_irn"] == 1
+    assert counts["irn_masks_shard"] == 2 and counts["train_deeplab"] == 1 and counts["deeplab_predict_shard"] == 2
+    assert counts["summary_table"] == 1
 
 
 def test_bad_config_fails_before_the_dag(tmp_path):
@@ -64,8 +67,17 @@ def test_tiny_preset_end_to_end(tmp_path):
     res = tmp_path / "results" / "synthetic-tiny"
     for f in ["stats.csv", "montage.png", "labels.csv", "baseline/classifier/model.pt",
               "baseline/cams/shard-1-of-2.h5", "baseline/cams/shard-2-of-2.h5",
-              "baseline/seeds/threshold_sweep.csv", "baseline/seeds/gallery.png"]:
+              "baseline/seeds/threshold_sweep.csv", "baseline/seeds/gallery.png", "baseline/crf/metrics.csv",
+              "baseline/irn/ir_labels/metrics.csv", "baseline/irn/model.pt", "baseline/irn/masks/metrics.csv",
+              "baseline/deeplab/model.pt", "baseline/deeplab/metrics.csv", "baseline/deeplab/gallery.png",
+              "tables/summary.csv", "tables/summary.md"]:
         assert (res / f).exists(), f
+    import pandas as pd
+
+    summary = pd.read_csv(res / "tables" / "summary.csv")
+    assert list(summary["experiment"]) == ["baseline"]
+    for col in ["seed_miou", "crf_miou", "ir_label_precision", "irn_miou", "deeplab_miou", "time_train_classifier_s"]:
+        assert 0 <= summary[col].iloc[0] and summary[col].notna().all(), col
     assert "Nothing to be done" in (p := snakemake(tmp_path, "--configfile", str(TINY), "-n")).stdout + p.stderr
 
     # a final output deleted: only its rule reruns
@@ -88,4 +100,8 @@ def test_tiny_preset_end_to_end(tmp_path):
 
     # forcing one stage reruns it and exactly what depends on it
     out = snakemake(tmp_path, "--configfile", str(TINY), "-n", "-R", "cam_shard").stdout
-    assert job_counts(out) == {"cam_shard": 2, "seed_eval": 1, "dataset_stats": 1, "all": 1}, out
+    counts = job_counts(out)
+    assert counts["cam_shard"] == 2, out
+    assert {"cam_shard", "seed_eval", "crf_shard", "ir_labels_shard", "irn_masks_shard", "train_deeplab",
+            "summary_table", "dataset_stats"} <= set(counts), out
+    assert "train_classifier" not in counts and "synthetic_dataset" not in counts, out
