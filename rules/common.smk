@@ -13,7 +13,8 @@ from wsss.config import (
     ConfigError,
     dataset_root,
     dataset_tag,
-    experiment_config,
+    run_config,
+    run_names,
     stage_config,
     validate_config,
 )
@@ -21,7 +22,8 @@ from wsss.workflow import paths as wpaths
 
 try:
     CFG = validate_config(config)
-    EXPERIMENT_CFG = {name: experiment_config(CFG, name) for name in CFG["experiments"]}
+    # one run per experiment and seed; the `experiment` wildcard is the run: <experiment>/s<seed>
+    EXPERIMENT_CFG = {run: run_config(CFG, run) for run in run_names(CFG)}
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
@@ -29,7 +31,7 @@ DATASET = dataset_tag(CFG)
 DATA_ROOT = str(dataset_root(CFG))
 RESULTS = f"results/{DATASET}"
 LOGS = f"results/logs/{DATASET}"
-EXPERIMENTS = sorted(CFG["experiments"])
+EXPERIMENTS = run_names(CFG)
 
 
 wildcard_constraints:
@@ -105,4 +107,4 @@ def summary_inputs():
 
 
 def all_targets():
-    return [f"{RESULTS}/stats.csv", f"{RESULTS}/montage.png", f"{RESULTS}/tables/summary.csv"]
+    return [f"{RESULTS}/stats.csv", f"{RESULTS}/montage.png", f"{RESULTS}/tables/summary.csv", f"{RESULTS}/tables/ablation.csv"]

@@ -115,6 +115,8 @@ rule summary_table:
     output:
         csv=report(f"{RESULTS}/tables/summary.csv", category="Tables", caption="../report/summary.rst"),
         md=f"{RESULTS}/tables/summary.md",
+        ablation=report(f"{RESULTS}/tables/ablation.csv", category="Tables", caption="../report/ablation.rst"),
+        ablation_md=f"{RESULTS}/tables/ablation.md",
     params:
         experiments=EXPERIMENTS,
         results=RESULTS,

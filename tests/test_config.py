@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsss.config import ConfigError, config_hash, experiment_config, load_config_file, stage_config, validate_config
+from wsss.config import ConfigError, config_hash, experiment_config, load_config_file, run_config, run_names, stage_config, validate_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +80,15 @@ def test_config_file_errors(tmp_path):
     (tmp_path / "c.yaml").write_text("classifier:\n  amp: maybe\n")
     with pytest.raises(ConfigError, match="classifier.amp"):
         load_config_file(tmp_path / "c.yaml")
+
+
+def test_runs_per_seed():
+    cfg = validate_config({"seeds": [0, 3], "experiments": {"a": {"classifier": {"method_options": {"p": "x/{seed}/m.pt"}}}}})
+    assert run_names(cfg) == ["a/s0", "a/s3"]
+    r = run_config(cfg, "a/s3")
+    assert r["classifier"]["seed"] == 3 and r["deeplab"]["seed"] == 3 and r["irn"]["train"]["seed"] == 3
+    assert r["classifier"]["method_options"]["p"] == "x/3/m.pt"
+    with pytest.raises(ConfigError, match="unknown run"):
+        run_config(cfg, "a/s1")
+    with pytest.raises(ConfigError, match="seeds"):
+        validate_config({"seeds": [1, 1]})

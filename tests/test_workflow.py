@@ -65,17 +65,18 @@ def test_tiny_preset_end_to_end(tmp_path):
     """Full tiny DAG; a second run does nothing; deleting one output reruns only what depends on it."""
     snakemake(tmp_path, "--configfile", str(TINY), "--cores", "2")
     res = tmp_path / "results" / "synthetic-tiny"
-    for f in ["stats.csv", "montage.png", "labels.csv", "baseline/classifier/model.pt",
-              "baseline/cams/shard-1-of-2.h5", "baseline/cams/shard-2-of-2.h5",
-              "baseline/seeds/threshold_sweep.csv", "baseline/seeds/gallery.png", "baseline/crf/metrics.csv",
-              "baseline/irn/ir_labels/metrics.csv", "baseline/irn/model.pt", "baseline/irn/masks/metrics.csv",
-              "baseline/deeplab/model.pt", "baseline/deeplab/metrics.csv", "baseline/deeplab/gallery.png",
+    for f in ["stats.csv", "montage.png", "labels.csv", "baseline/s0/classifier/model.pt",
+              "baseline/s0/cams/shard-1-of-2.h5", "baseline/s0/cams/shard-2-of-2.h5",
+              "baseline/s0/seeds/threshold_sweep.csv", "baseline/s0/seeds/gallery.png", "baseline/s0/crf/metrics.csv",
+              "baseline/s0/irn/ir_labels/metrics.csv", "baseline/s0/irn/model.pt", "baseline/s0/irn/masks/metrics.csv",
+              "baseline/s0/deeplab/model.pt", "baseline/s0/deeplab/metrics.csv", "baseline/s0/deeplab/gallery.png",
               "tables/summary.csv", "tables/summary.md"]:
         assert (res / f).exists(), f
     import pandas as pd
 
     summary = pd.read_csv(res / "tables" / "summary.csv")
-    assert list(summary["experiment"]) == ["baseline"]
+    assert list(summary["experiment"]) == ["baseline"] and list(summary["run"]) == ["baseline/s0"]
+    assert (res / "tables" / "ablation.csv").exists()
     for col in ["seed_miou", "crf_miou", "ir_label_precision", "irn_miou", "deeplab_miou", "time_train_classifier_s"]:
         assert 0 <= summary[col].iloc[0] and summary[col].notna().all(), col
     assert "Nothing to be done" in (p := snakemake(tmp_path, "--configfile", str(TINY), "-n")).stdout + p.stderr
@@ -87,7 +88,7 @@ def test_tiny_preset_end_to_end(tmp_path):
 
     # an intermediate output deleted and asked for: only that job reruns, and since inference is
     # deterministic it writes the same bytes, so nothing downstream is out of date
-    shard = res / "baseline" / "cams" / "shard-2-of-2.h5"
+    shard = res / "baseline" / "s0" / "cams" / "shard-2-of-2.h5"
     before = shard.read_bytes()
     shard.unlink()
     target = str(shard.relative_to(tmp_path))

@@ -153,6 +153,30 @@ def experiment_config(cfg: Mapping[str, Any], name: str) -> Dict[str, Any]:
         raise ConfigError(f"experiment {name!r}: {e}") from None
 
 
+def run_names(cfg: Mapping[str, Any]) -> List[str]:
+    """One run per experiment and seed: ``<experiment>/s<seed>`` (the results subfolder)."""
+    return [f"{e}/s{seed}" for e in sorted(cfg["experiments"]) for seed in cfg["seeds"]]
+
+
+def run_config(cfg: Mapping[str, Any], run: str) -> Dict[str, Any]:
+    """The validated config of run ``<experiment>/s<seed>``: the experiment's config with the seed
+    set in every stage that draws random numbers."""
+    name, sep, seed_part = run.rpartition("/s")
+    if not sep or not seed_part.isdigit() or int(seed_part) not in cfg["seeds"]:
+        raise ConfigError(f"unknown run {run!r}; runs are <experiment>/s<seed> with seeds {cfg['seeds']}")
+    seed = int(seed_part)
+    out = experiment_config(cfg, name)
+    out["classifier"]["seed"] = seed
+    out["irn"]["train"] = dict(out["irn"]["train"], seed=seed)
+    out["deeplab"]["seed"] = seed
+    opts = out["classifier"]["method_options"]
+    for k, v in list(opts.items()):
+        if isinstance(v, str) and "{seed}" in v:
+            opts[k] = v.replace("{seed}", str(seed))
+    out["seeds"] = [seed]
+    return out
+
+
 def stage_config(cfg: Mapping[str, Any], *sections: str) -> Dict[str, Any]:
     """The part of ``cfg`` a stage depends on (data sections plus ``sections``), as recorded in its
     outputs and passed as Snakemake params (so a change there reruns the stage)."""

@@ -6,7 +6,9 @@ and ``ir_label_coverage`` (confident pixels), ``ir_label_miou``, ``irn_miou``, `
 ``deeplab_jf``, ``deeplab_pseudo_masks``, ``weak_full_ratio`` (DeepLab mIoU over that of the
 fully supervised experiment named in ``tables.fully_supervised``), and ``time_<stage>_s``: wall
 seconds of each stage from Snakemake's benchmark files (sharded stages summed over shards).
-``summary.md`` is the same table in Markdown.
+``summary.md`` is the same table in Markdown. Rows are runs (``<experiment>/s<seed>``);
+``ablation.csv`` has one row per experiment with ``<metric>_mean`` and ``<metric>_std`` over seeds
+(and ``ablation.md`` shows them as mean ± std).
 """
 
 from __future__ import annotations
@@ -41,9 +43,11 @@ def stage_times(bench_dir: Path) -> Dict[str, float]:
     return times
 
 
-def experiment_row(results: Path, experiment: str) -> Dict[str, object]:
-    d = results / experiment
-    row: Dict[str, object] = {"experiment": experiment}
+def experiment_row(results: Path, run: str) -> Dict[str, object]:
+    """Metrics of one run (``<experiment>/s<seed>``, the results subfolder)."""
+    d = results / run
+    name, sep, seed = run.rpartition("/s")
+    row: Dict[str, object] = {"run": run, "experiment": name if sep else run, "seed": int(seed) if sep and seed.isdigit() else math.nan}
     sweep = d / "seeds" / "threshold_sweep.csv"
     if sweep.exists():
         s = pd.read_csv(sweep)
@@ -65,18 +69,52 @@ def experiment_row(results: Path, experiment: str) -> Dict[str, object]:
     return row
 
 
-def summary_table(results: str | Path, experiments: Sequence[str], fully_supervised: Optional[str] = None) -> pd.DataFrame:
-    rows: List[Dict[str, object]] = [experiment_row(Path(results), e) for e in experiments]
+def summary_table(results: str | Path, runs: Sequence[str], fully_supervised: Optional[str] = None) -> pd.DataFrame:
+    """One row per run. The weak/full ratio divides by the fully supervised experiment's DeepLab
+    mIoU of the same seed (or its mean over seeds when that seed was not run)."""
+    rows: List[Dict[str, object]] = [experiment_row(Path(results), r) for r in runs]
     df = pd.DataFrame(rows)
     if fully_supervised:
-        if fully_supervised not in list(experiments):
-            raise KeyError(f"tables.fully_supervised names {fully_supervised!r}, which is not an experiment; configured: {list(experiments)}")
-        full = float(df.loc[df["experiment"] == fully_supervised, "deeplab_miou"].iloc[0])
-        df["weak_full_ratio"] = df["deeplab_miou"] / full
+        full = df[df["experiment"] == fully_supervised]
+        if full.empty:
+            raise KeyError(f"tables.fully_supervised names {fully_supervised!r}, which is not an experiment; configured: {sorted(set(df['experiment']))}")
+        by_seed = dict(zip(full["seed"], full["deeplab_miou"]))
+        mean = float(full["deeplab_miou"].mean())
+        df["weak_full_ratio"] = [m / by_seed.get(s, mean) for m, s in zip(df["deeplab_miou"], df["seed"])]
     else:
         df["weak_full_ratio"] = math.nan
     df["package_version"] = __version__
     return df
+
+
+def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Mean and (sample) standard deviation over seeds of every metric, one row per experiment."""
+    metrics = [c for c in summary.columns if c not in ("run", "experiment", "seed", "deeplab_pseudo_masks", "package_version")
+               and pd.api.types.is_numeric_dtype(summary[c])]
+    g = summary.groupby("experiment", sort=False)
+    out = pd.DataFrame({"experiment": list(g.groups), "n_seeds": g.size().values})
+    for c in metrics:
+        out[f"{c}_mean"] = g[c].mean().values
+        out[f"{c}_std"] = g[c].std(ddof=1).values if len(summary) else math.nan
+    out["package_version"] = __version__
+    return out
+
+
+def ablation_markdown(ab: pd.DataFrame) -> str:
+    cols = [c[: -len("_mean")] for c in ab.columns if c.endswith("_mean") and not c.startswith("time_")]
+    lines = ["| experiment | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for _, r in ab.iterrows():
+        cells = []
+        for c in cols:
+            m, sd = r[f"{c}_mean"], r[f"{c}_std"]
+            if math.isnan(m):
+                cells.append("–")
+            elif c == "seed_threshold":
+                cells.append(f"{m:.2f}")
+            else:
+                cells.append(f"{100 * m:.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}"))
+        lines.append(f"| {r['experiment']} | {int(r['n_seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nMean ± sample standard deviation over seeds, in percent; wsss " + __version__ + ".\n"
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -87,21 +125,31 @@ def to_markdown(df: pd.DataFrame) -> str:
                 return "–"
             if col.startswith("time_"):
                 return f"{v:.0f}"
+            if col == "seed":
+                return f"{v:.0f}"
             if col in ("seed_threshold",):
                 return f"{v:.2f}"
             return f"{100 * v:.1f}"
         return str(v)
 
-    cols = [c for c in df.columns if c != "package_version"]
+    cols = [c for c in df.columns if c not in ("package_version", "run")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join(fmt(c, r[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n\nMetrics in percent, times in seconds; wsss " + __version__ + ".\n"
 
 
-def write_summary(results: str | Path, experiments: Sequence[str], csv_path: str | Path, md_path: str | Path, fully_supervised: Optional[str] = None) -> pd.DataFrame:
-    df = summary_table(results, experiments, fully_supervised)
+def write_summary(results: str | Path, runs: Sequence[str], csv_path: str | Path, md_path: str | Path,
+                  fully_supervised: Optional[str] = None, ablation_csv: Optional[str | Path] = None,
+                  ablation_md: Optional[str | Path] = None) -> pd.DataFrame:
+    df = summary_table(results, runs, fully_supervised)
     with atomic_path(csv_path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
     write_text_atomic(md_path, to_markdown(df))
+    if ablation_csv is not None:
+        ab = ablation_table(df)
+        with atomic_path(ablation_csv) as tmp:
+            ab.to_csv(tmp, index=False, float_format="%.6g")
+        if ablation_md is not None:
+            write_text_atomic(ablation_md, ablation_markdown(ab))
     return df
