@@ -11,12 +11,16 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/classifier.smk"
 include: "rules/cam.smk"
 include: "rules/refine.smk"
 include: "rules/deeplab.smk"
+include: "rules/report.smk"
 
 
 rule all:

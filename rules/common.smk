@@ -79,6 +79,14 @@ def _shard_markers(folder, scatter_name, wildcards):
     return [f"{RESULTS}/{wildcards.experiment}/{folder}/shard-{i}-of-{n}.json" for i in range(1, n + 1)]
 
 
+def seed_mask_params(wildcards):
+    return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier", "cam", "seed_eval")
+
+
+def seed_mask_markers(wildcards):
+    return _shard_markers("seeds/masks", "seeds", wildcards)
+
+
 def deeplab_mask_markers(wildcards):
     """Shard markers of the pseudo-masks DeepLab trains on (none for ground truth)."""
     source = EXPERIMENT_CFG[wildcards.experiment]["deeplab"]["pseudo_masks"]
@@ -95,8 +103,9 @@ def experiment_targets(e):
     """Final outputs of experiment ``e`` (pseudo-mask evaluations are skipped for ground-truth
     DeepLab runs, which need no pseudo-masks)."""
     targets = [f"{RESULTS}/{e}/deeplab/metrics.csv"]
+    targets += [f"{RESULTS}/{e}/deeplab/training_curves.png"]
     if EXPERIMENT_CFG[e]["deeplab"]["pseudo_masks"] != "gt":
-        targets += [f"{RESULTS}/{e}/seeds/threshold_sweep.csv", f"{RESULTS}/{e}/seeds/gallery.png",
+        targets += [f"{RESULTS}/{e}/classifier/training_curves.png", f"{RESULTS}/{e}/pseudo_mask_gallery.png",f"{RESULTS}/{e}/seeds/threshold_sweep.csv", f"{RESULTS}/{e}/seeds/gallery.png",
                     f"{RESULTS}/{e}/crf/metrics.csv", f"{RESULTS}/{e}/irn/ir_labels/metrics.csv",
                     f"{RESULTS}/{e}/irn/masks/metrics.csv"]
     return targets

@@ -13,7 +13,7 @@ rule seed_masks_shard:
     output:
         marker=f"{RESULTS}/{{experiment}}/seeds/masks/shard-{{scatteritem}}.json",
     params:
-        cfg=seed_eval_params,
+        cfg=seed_mask_params,
     log:
         f"{LOGS}/{{experiment}}/seed_masks_shard-{{scatteritem}}.log",
     threads: 1

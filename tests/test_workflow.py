@@ -81,6 +81,11 @@ def test_tiny_preset_end_to_end(tmp_path):
         assert 0 <= summary[col].iloc[0] and summary[col].notna().all(), col
     assert "Nothing to be done" in (p := snakemake(tmp_path, "--configfile", str(TINY), "-n")).stdout + p.stderr
 
+    # the self-contained HTML report with tables, curves and galleries
+    snakemake(tmp_path, "--configfile", str(TINY), "--report", "report.html")
+    html = (tmp_path / "report.html").read_text(errors="replace")
+    assert "summary.csv" in html and "pseudo_mask_gallery.png" in html and "training_curves.png" in html
+
     # a final output deleted: only its rule reruns
     (res / "stats.csv").unlink()
     out = snakemake(tmp_path, "--configfile", str(TINY), "-n").stdout

@@ -358,3 +358,22 @@ def irn_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], model_path
     if conf_marker:
         write_shard_marker(conf_marker, kind="irn_confidence", ids=ids, mask_dir=conf_dir, resolved=resolved)
     return Path(marker)
+
+
+def mask_gallery(cfg: Mapping[str, Any], seed_markers: Sequence[str], crf_markers: Sequence[str], irn_markers: Sequence[str], out_png: str, n_images: int = 6) -> None:
+    """Image | ground truth | seed | CRF | IRN pseudo-masks for a few images of the evaluation split."""
+    import numpy as np
+
+    from .io import read_label_png
+    from .viz import gallery, overlay_labels
+
+    ds = open_dataset(cfg)
+    dirs = [read_shard_markers(m)[0] for m in (seed_markers, crf_markers, irn_markers)]
+    ids = ds.ids(cfg["dataset"]["eval_split"])
+    pick = sorted(np.random.default_rng(0).choice(len(ids), size=min(n_images, len(ids)), replace=False))
+    rows, captions = [], []
+    for i in pick:
+        img, gt = ds.load_image(ids[i]), ds.load_mask(ids[i])
+        rows.append([img, overlay_labels(img, gt)] + [overlay_labels(img, read_label_png(d / f"{ids[i]}.png")) for d in dirs])
+        captions.append(ids[i])
+    gallery(rows, out_png, titles=["image", "ground truth", "seed", "CRF", "IRN"], row_labels=captions)

@@ -72,3 +72,61 @@ def cam_overlay_rows(img: np.ndarray, gt: np.ndarray, high_res: np.ndarray, keys
     row += [np.full_like(img, 255)] * (max_classes - min(len(keys), max_classes))
     row.append(overlay_labels(img, seed))
     return row
+
+
+CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def plot_curves(series: dict, path, title: str = "", size=(640, 360), xlabel: str = "step") -> None:
+    """Line plot of named series (name -> (x, y) arrays) with axes and a legend, drawn with PIL."""
+    W, H = size
+    left, right, top, bottom = 56, 150, 24, 30
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    xs = [np.asarray(x, float) for x, _ in series.values() if len(x)]
+    ys = [np.asarray(y, float) for _, y in series.values() if len(y)]
+    ys_f = np.concatenate([y[np.isfinite(y)] for y in ys]) if ys else np.zeros(1)
+    x0, x1 = (min(x.min() for x in xs), max(x.max() for x in xs)) if xs else (0.0, 1.0)
+    y0, y1 = (float(ys_f.min()), float(ys_f.max())) if ys_f.size else (0.0, 1.0)
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 == y0:
+        y1 = y0 + 1
+    pw, ph = W - left - right, H - top - bottom
+
+    def px(x, y):
+        return left + (x - x0) / (x1 - x0) * pw, top + (1 - (y - y0) / (y1 - y0)) * ph
+
+    draw.rectangle([left, top, left + pw, top + ph], outline=(0, 0, 0))
+    for frac in (0.0, 0.5, 1.0):
+        yv = y0 + frac * (y1 - y0)
+        draw.text((4, px(x0, yv)[1] - 6), f"{yv:.3g}", fill=(0, 0, 0))
+        xv = x0 + frac * (x1 - x0)
+        draw.text((px(xv, y0)[0] - 10, top + ph + 6), f"{xv:.0f}", fill=(0, 0, 0))
+    draw.text((left + pw // 2 - 10, H - 14), xlabel, fill=(0, 0, 0))
+    draw.text((left, 4), title, fill=(0, 0, 0))
+    for i, (name, (x, y)) in enumerate(series.items()):
+        col = CURVE_COLOURS[i % len(CURVE_COLOURS)]
+        pts = [px(a, b) for a, b in zip(np.asarray(x, float), np.asarray(y, float)) if np.isfinite(b)]
+        if len(pts) > 1:
+            draw.line(pts, fill=col, width=2)
+        draw.line([(W - right + 8, top + 8 + 14 * i), (W - right + 24, top + 8 + 14 * i)], fill=col, width=3)
+        draw.text((W - right + 28, top + 2 + 14 * i), str(name)[:18], fill=(0, 0, 0))
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")
+
+
+def training_curves(log_csv, path, title: str = "", smooth: int = 10) -> None:
+    """Loss terms (moving average over ``smooth`` steps) of a train_log.csv written by the engine."""
+    import pandas as pd
+
+    df = pd.read_csv(log_csv)
+    if df.empty:
+        raise ValueError(f"training log {log_csv} has no rows")
+    series = {}
+    for c in df.columns:
+        if c.startswith("loss_"):
+            y = df[c].rolling(max(1, smooth), min_periods=1).mean().to_numpy()
+            series[c[len("loss_"):]] = (df["step"].to_numpy(), y)
+    plot_curves(series, path, title=title)
