@@ -13,8 +13,8 @@ rule synthetic_dataset:
         f"{LOGS}/synthetic_dataset.log",
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=30,
+        mem_mb=res.mem_mb(2000),
+        runtime=res.runtime(30),
     conda:
         "../envs/data.yaml"
     script:
@@ -32,8 +32,8 @@ rule image_labels:
         f"{LOGS}/image_labels.log",
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=60,
+        mem_mb=res.mem_mb(2000),
+        runtime=res.runtime(60),
     conda:
         "../envs/data.yaml"
     script:
@@ -52,8 +52,8 @@ rule dataset_stats:
         f"{LOGS}/dataset_stats.log",
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=60,
+        mem_mb=res.mem_mb(2000),
+        runtime=res.runtime(60),
     conda:
         "../envs/data.yaml"
     script:
@@ -76,8 +76,8 @@ for _archive in wpaths.ARCHIVES_OF[CFG["dataset"]["name"]] if not CFG["dataset"]
             f"{LOGS}/download_{_archive}.log",
         threads: 1
         resources:
-            mem_mb=1000,
-            runtime=600,
+            mem_mb=res.mem_mb(1000),
+            runtime=res.runtime(600),
         retries: 3
         conda:
             "../envs/data.yaml"
@@ -96,8 +96,8 @@ rule voc_train_aug_list:
         f"{LOGS}/voc_train_aug_list.log",
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=30,
+        mem_mb=res.mem_mb(1000),
+        runtime=res.runtime(30),
     conda:
         "../envs/data.yaml"
     script:
@@ -115,8 +115,8 @@ rule coco_masks:
         f"{LOGS}/coco_masks.log",
     threads: 1
     resources:
-        mem_mb=12000,
-        runtime=120,
+        mem_mb=res.mem_mb(12000),
+        runtime=res.runtime(120),
     conda:
         "../envs/data.yaml"
     script:

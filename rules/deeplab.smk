@@ -125,8 +125,8 @@ rule summary_table:
         f"{LOGS}/summary_table.log",
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=res.mem_mb(1000),
+        runtime=res.runtime(10),
     conda:
         "../envs/data.yaml"
     script:

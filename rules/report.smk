@@ -17,8 +17,8 @@ rule training_curves:
         stage="classifier|deeplab",
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=res.mem_mb(1000),
+        runtime=res.runtime(10),
     conda:
         "../envs/data.yaml"
     script:
@@ -43,8 +43,8 @@ rule mask_gallery:
         f"{LOGS}/{{experiment}}/mask_gallery.log",
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=res.mem_mb(2000),
+        runtime=res.runtime(10),
     conda:
         "../envs/data.yaml"
     script:

@@ -16,7 +16,7 @@ from wsss.models import build_backbone
 class RandomSet(Dataset):
     """Fixed random images with labels; augmentation-free so only the engine's RNG matters."""
 
-    def __init__(self, n=12, classes=3, size=32):
+    def __init__(self, n=12, classes=3, size=16):
         g = torch.Generator().manual_seed(123)
         self.x = torch.randn(n, 3, size, size, generator=g)
         self.y = (torch.rand(n, classes, generator=g) > 0.5).float()

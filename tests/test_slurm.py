@@ -51,6 +51,9 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", 
 # start.sh exit codes meaning "this machine cannot host the test cluster" (not "start.sh is broken")
 UNAVAILABLE = {3: "the Slurm packages are not installed and cannot be installed",
                4: "this machine has its own Slurm configuration (/etc/slurm/slurm.conf), left untouched"}
+# `timeout` exits 124 after its INT; if snakemake is still busy 120 s later, `timeout -k` KILLs its
+# process group, itself included (-9 as seen from here)
+TIMED_OUT = {124, 137, -9}
 IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -97,7 +100,7 @@ def slurm():
 def snakemake_cmd(workdir: Path, *args: str, limit: int) -> list:
     """`snakemake --profile profiles/slurm-test` in ``workdir``, under `timeout -s INT`: SIGINT makes
     snakemake cancel its Slurm jobs before exiting (SIGTERM would leave it waiting for them)."""
-    return ["timeout", "-s", "INT", "-k", "60", str(limit), sys.executable, "-m", "snakemake", *args,
+    return ["timeout", "-s", "INT", "-k", "120", str(limit), sys.executable, "-m", "snakemake", *args,
             "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--profile", str(PROFILE),
             "--configfile", str(workdir / "config.yaml")]
 
@@ -106,7 +109,7 @@ def snakemake(workdir: Path, *args: str, limit: int = 900, check: bool = True) -
     cmd = snakemake_cmd(workdir, *args, limit=limit)
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=clean_env(), stdin=subprocess.DEVNULL)
     proc.stdout += proc.stderr  # snakemake logs to stderr; keep one stream to search
-    if proc.returncode in (124, 137):
+    if proc.returncode in TIMED_OUT:
         pytest.fail(f"snakemake ran past {limit} s (rc {proc.returncode}):\n{proc.stdout[-8000:]}", pytrace=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-10000:]}")
@@ -122,6 +125,37 @@ def write_config(workdir: Path, **classifier) -> None:
 def submitted_ids(output: str) -> list:
     """Slurm job ids of the jobs one snakemake invocation submitted (the plugin logs each one)."""
     return re.findall(r"submitted with SLURM jobid (\d+)", output)
+
+
+def requested(output: str) -> dict:
+    """Slurm job id -> what Snakemake asked for it: rule, threads, resources (from its job log)."""
+    jobs, current = {}, None
+    for line in output.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):$", line)
+        if m:
+            current = {"rule": m.group(1), "threads": 1, "resources": {}}
+            continue
+        if current is None:
+            continue
+        m = re.match(r"^\s+(jobid|threads|resources): (.*)$", line)
+        if m and m.group(1) == "jobid":
+            jobs[m.group(2).strip()] = current
+        elif m and m.group(1) == "threads":
+            current["threads"] = int(m.group(2))
+        elif m:
+            current["resources"] = dict(kv.split("=", 1) for kv in m.group(2).split(", "))
+    by_slurm = {}
+    for sm_id, slurm_id in re.findall(r"^Job (\d+) has been submitted with SLURM jobid (\d+)", output, re.M):
+        by_slurm[slurm_id] = jobs[sm_id]
+    return by_slurm
+
+
+def profile_partitions() -> dict:
+    """rule -> partition set per rule in profiles/slurm-test (others: the default partition)."""
+    prof = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    default = prof["default-resources"]["slurm_partition"]
+    per_rule = {r: v["slurm_partition"] for r, v in prof.get("set-resources", {}).items() if "slurm_partition" in v}
+    return default, per_rule
 
 
 def job_counts(output: str) -> dict:
@@ -170,6 +204,14 @@ def sacct(ids: list, wait_final: bool = True, timeout: float = 60) -> dict:
         time.sleep(1)
 
 
+def tres_mem_mb(tres: str) -> int:
+    """The mem= entry of a TRES string ("cpu=1,mem=8000M,node=1") in MB."""
+    m = re.search(r"(?:^|,)mem=(\d+(?:\.\d+)?)([KMGT]?)", tres)
+    assert m, f"no mem in TRES {tres!r}"
+    scale = {"K": 1 / 1024, "M": 1, "": 1, "G": 1024, "T": 1024 ** 2}[m.group(2)]
+    return round(float(m.group(1)) * scale)
+
+
 def by_rule(recs: dict) -> dict:
     rules: dict = {}
     for r in recs.values():
@@ -213,18 +255,22 @@ def test_tiny_dag_runs_through_sbatch_with_gpu_requests(tiny_run):
     rules = by_rule(recs)
     assert {r: len(v) for r, v in rules.items()} == expected, (expected, recs)
     assert GPU_RULES <= set(rules), f"no {GPU_RULES - set(rules)} job was submitted"
-    for r in recs.values():
+    # what Snakemake asked for each job is what Slurm allocated
+    asked = requested(output)
+    default_partition, partitions = profile_partitions()
+    assert set(asked) == set(recs)
+    for jid, r in recs.items():
+        a = asked[jid]
+        assert a["rule"] == r["rule"], (a, r)
         assert r["State"] == "COMPLETED", r
         assert r["Account"] == "ci", r
-        if r["rule"] in GPU_RULES:
-            assert "gres/gpu=1" in r["ReqTRES"] and "gres/gpu=1" in r["AllocTRES"], r
-            assert r["Partition"] == "gpu", r
-        else:
-            assert "gres/gpu" not in r["ReqTRES"] + r["AllocTRES"], r
-            assert r["Partition"] == "debug", r
-    # threads became --cpus-per-task (profiles/slurm-test sets 2 for training, 1 per CAM shard)
-    assert all("cpu=2" in r["ReqTRES"] for r in rules["train_classifier"]), rules["train_classifier"]
-    assert all("cpu=1" in r["ReqTRES"] for r in rules["cam_shard"]), rules["cam_shard"]
+        assert r["Partition"] == partitions.get(r["rule"], default_partition), r
+        gpus = int(a["resources"].get("gpu", 0))
+        for tres in (r["ReqTRES"], r["AllocTRES"]):
+            assert (f"gres/gpu={gpus}" in tres) if gpus else ("gres/gpu" not in tres), (jid, a, r)
+            assert f"cpu={a['threads']}" in tres, (jid, a, r)  # threads -> --cpus-per-task
+        assert tres_mem_mb(r["ReqTRES"]) == int(a["resources"]["mem_mb"]), (jid, a, r)  # mem_mb -> --mem
+    assert {r["rule"] for r in recs.values() if "gres/gpu" in r["AllocTRES"]} >= GPU_RULES
 
 
 def test_deleting_a_final_output_reruns_only_its_stage(tiny_run):
