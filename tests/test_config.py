@@ -52,7 +52,7 @@ def test_experiment_overrides_are_merged_and_validated():
     cfg = validate_config({"experiments": {"a": {}, "b": {"classifier": {"epochs": 3, "backbone_options": {"freeze_bn": True}}}}})
     b = experiment_config(cfg, "b")
     assert b["classifier"]["epochs"] == 3 and b["classifier"]["backbone_options"]["freeze_bn"] is True
-    assert b["classifier"]["backbone_options"]["trainable_from"] is None  # merged, not replaced
+    assert b["classifier"]["backbone_options"]["trainable_from"] == "stage3"  # merged, not replaced
     assert experiment_config(cfg, "a")["classifier"] == cfg["classifier"]
     bad = validate_config({"experiments": {"c": {"classifier": {"epochs": "many"}}}}, extra_checks=False)
     with pytest.raises(ConfigError, match="(?s)experiment 'c'.*classifier.epochs"):
