@@ -79,3 +79,24 @@ def test_stale_checkpoint_is_set_aside(tiny_cfg, tmp_path):
     cfg["classifier"]["lr"] = 0.05
     train_classifier(cfg, str(tmp_path / "labels.csv"), str(tmp_path / "m2.pt"), str(work), progress=False)
     assert len(list(work.glob("last.stale-*.pt"))) == 1 and (work / "last.pt").exists()
+
+
+def test_deeplab_training_under_torchrun_with_two_processes(tiny_cfg, tmp_path):
+    """gpus > 1: the stage re-launches itself with torchrun (2 CPU processes, gloo DDP); rank 0 writes."""
+    from wsss.config import run_config
+    from wsss.engine import load_model_state
+    from wsss.pipeline import launch_deeplab_training, write_shard_marker
+
+    cfg = run_config(tiny_cfg, "baseline/s0")
+    cfg["deeplab"].update(epochs=1, batch_size=4, crop_size=32)
+    marker = tmp_path / "masks.json"  # ground-truth maps stand in for pseudo-masks here
+    write_shard_marker(marker, kind="irn", ids=[], mask_dir=tiny_cfg_root(cfg) / "SegmentationClassAug", resolved={})
+    out = launch_deeplab_training(cfg, [str(marker)], [], str(tmp_path / "model.pt"), str(tmp_path / "work"), threads=2, gpus=2)
+    assert load_model_state(out)["model"]
+    assert (tmp_path / "work" / "torchrun_args.json").exists()
+
+
+def tiny_cfg_root(cfg):
+    from pathlib import Path
+
+    return Path(cfg["dataset"]["root"])

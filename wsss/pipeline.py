@@ -377,3 +377,43 @@ def mask_gallery(cfg: Mapping[str, Any], seed_markers: Sequence[str], crf_marker
         rows.append([img, overlay_labels(img, gt)] + [overlay_labels(img, read_label_png(d / f"{ids[i]}.png")) for d in dirs])
         captions.append(ids[i])
     gallery(rows, out_png, titles=["image", "ground truth", "seed", "CRF", "IRN"], row_labels=captions)
+
+
+def launch_deeplab_training(cfg: Mapping[str, Any], mask_markers: Sequence[str], conf_markers: Sequence[str], model_out: str, work_dir: str, threads: int = 1, gpus: int = 0) -> Path:
+    """DeepLab training; with more than one GPU it re-launches itself under ``torchrun`` (one process
+    per GPU, DDP in :mod:`wsss.engine`), otherwise it trains in this process."""
+    import json
+    import subprocess
+    import sys
+
+    if int(gpus or 0) <= 1 or "WORLD_SIZE" in os.environ:
+        return train_deeplab(cfg, mask_markers, conf_markers, model_out, work_dir, threads=threads)
+    args = Path(work_dir) / "torchrun_args.json"
+    args.parent.mkdir(parents=True, exist_ok=True)
+    args.write_text(json.dumps({"cfg": dict(cfg), "mask_markers": list(mask_markers), "conf_markers": list(conf_markers),
+                                "model_out": str(model_out), "work_dir": str(work_dir), "threads": int(threads)}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(gpus)}",
+           "-m", "wsss.pipeline", "deeplab-train", str(args)]
+    log.info("launching %s", " ".join(cmd))
+    subprocess.run(cmd, check=True)
+    return Path(model_out)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m wsss.pipeline deeplab-train ARGS.json``: the per-process entry under torchrun."""
+    import json
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] != "deeplab-train":
+        print("usage: python -m wsss.pipeline deeplab-train ARGS.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a = json.loads(Path(argv[1]).read_text())
+    train_deeplab(a["cfg"], a["mask_markers"], a["conf_markers"], a["model_out"], a["work_dir"], threads=a["threads"],
+                  progress=int(os.environ.get("RANK", "0")) == 0)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
