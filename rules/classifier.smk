@@ -9,7 +9,7 @@ rule train_classifier:
     output:
         model=f"{RESULTS}/{{experiment}}/classifier/model.pt",
         log_csv=report(
-            f"{RESULTS}/{{experiment}}/classifier/work/train_log.csv",
+            f"{RESULTS}/{{experiment}}/classifier/train_log.csv",
             category="Training",
             subcategory="{experiment}",
             caption="../report/train_log.rst",

@@ -33,7 +33,7 @@ rule train_deeplab:
     output:
         model=f"{RESULTS}/{{experiment}}/deeplab/model.pt",
         log_csv=report(
-            f"{RESULTS}/{{experiment}}/deeplab/work/train_log.csv",
+            f"{RESULTS}/{{experiment}}/deeplab/train_log.csv",
             category="Training",
             subcategory="{experiment}",
             caption="../report/train_log.rst",
@@ -119,7 +119,8 @@ rule summary_table:
         ablation_md=f"{RESULTS}/tables/ablation.md",
     params:
         experiments=EXPERIMENTS,
-        results=RESULTS,
+        # results/<tag>: two levels above tables/summary.csv
+        results=lambda w, output: os.path.dirname(os.path.dirname(output.csv)),
         fully_supervised=CFG["tables"]["fully_supervised"],
     log:
         f"{LOGS}/summary_table.log",

@@ -3,7 +3,7 @@
 
 rule training_curves:
     input:
-        log_csv=f"{RESULTS}/{{experiment}}/{{stage}}/work/train_log.csv",
+        log_csv=f"{RESULTS}/{{experiment}}/{{stage}}/train_log.csv",
     output:
         png=report(
             f"{RESULTS}/{{experiment}}/{{stage}}/training_curves.png",

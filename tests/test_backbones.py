@@ -303,6 +303,25 @@ def test_pretrained_nested_backbone_prefix(tmp_path):
     assert report.missing == [] and report.loaded == len(src.state_dict())
 
 
+@pytest.mark.parametrize("method", ["cam", "cam+islfsl"])
+def test_pretrained_from_a_classifier_state(tmp_path, method):
+    """IRN's `pretrained: classifier` loads the backbone out of a whole method's state_dict, also
+    of a wrapping method whose backbone sits under 'base.backbone.'."""
+    from wsss.methods.base import build_method
+
+    trained = build_method(method, num_classes=4, backbone=build_backbone("resnet18"))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.uniform_(-1, 1)
+    path = tmp_path / "model.pt"
+    torch.save({"model": trained.state_dict()}, path)
+    target = build_backbone("resnet18")
+    report = load_pretrained(target, path, "resnet18")
+    assert report.missing == [] and report.loaded == len(target.state_dict())
+    src = dict(trained.named_modules())["base.backbone" if "+" in method else "backbone"]
+    assert torch.equal(target.conv1.weight, src.conv1.weight)
+
+
 def test_imagenet_uses_torchvision_weights(monkeypatch):
     ref = torchvision.models.resnet18().state_dict()
     calls = []

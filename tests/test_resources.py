@@ -155,7 +155,7 @@ def declared() -> list:
 def test_rule_parser_reads_a_known_rule(declared):
     """The parser itself: train_classifier as written in rules/classifier.smk."""
     (train,) = [d for d in declared if d.name == "train_classifier"]
-    assert train.has_action and train.directives["threads"] == "4"
+    assert train.has_action and train.directives["threads"].strip().isdigit()
     keys = train.resource_keys()
     assert keys["gpu"] == "1" and keys["mem_mb"].startswith("res.mem_mb(") and keys["runtime"].startswith("res.runtime(")
     assert "../envs/torch.yaml" in train.directives["conda"]

@@ -18,6 +18,7 @@ from .data.base import read_labels_csv
 from .data.classification import ClassificationTrainSet, select_labelled
 from .data.transforms import TrainTransform
 from .engine import load_model_state, train, train_config_from
+from .io import copy_atomic
 from .methods.base import Method, build_method
 from .models import build_backbone
 
@@ -54,8 +55,10 @@ def classifier_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return stage_config(cfg, "classifier")
 
 
-def train_classifier(cfg: Mapping[str, Any], labels_csv: str, model_out: str, work_dir: str, threads: int = 1, progress: bool = True) -> Path:
-    """Train the experiment's classifier; resumes from ``work_dir/last.pt`` of the same config."""
+def train_classifier(cfg: Mapping[str, Any], labels_csv: str, model_out: str, work_dir: str, threads: int = 1, progress: bool = True,
+                     log_out: Optional[str] = None) -> Path:
+    """Train the experiment's classifier; resumes from ``work_dir/last.pt`` of the same config.
+    ``log_out``: where to copy the step log (loss terms per step) when training is done."""
     resolved = classifier_config(cfg)
     c = cfg["classifier"]
     ds = open_dataset(cfg)
@@ -71,10 +74,21 @@ def train_classifier(cfg: Mapping[str, Any], labels_csv: str, model_out: str, wo
     method = build_classifier(cfg, ds.num_fg_classes)
     device, workers = device_and_workers(threads)
     log.info("training %s (%s) on %d images of %s, device %s, %d workers", c["method"], c["backbone"], len(ids), cfg["dataset"]["name"], device, workers)
-    return train(
+    out = train(
         method, train_set, train_config_from(c), Path(model_out), Path(work_dir), resolved_config=resolved,
         device=device, num_workers=workers, progress=progress,
     )
+    publish_train_log(work_dir, log_out)
+    return out
+
+
+def publish_train_log(work_dir: str | os.PathLike, log_out: Optional[str]) -> None:
+    """Copy the live step log ``work_dir/train_log.csv`` to the rule's declared ``log_out``.
+
+    The live log stays undeclared: Snakemake deletes a job's declared outputs before it reruns
+    the job, and a resumed training appends to the log of the steps already done."""
+    if log_out:
+        copy_atomic(Path(work_dir) / "train_log.csv", log_out)
 
 
 def _set_aside_stale_checkpoint(path: Path, resolved: Mapping[str, Any]) -> None:
@@ -379,15 +393,19 @@ def mask_gallery(cfg: Mapping[str, Any], seed_markers: Sequence[str], crf_marker
     gallery(rows, out_png, titles=["image", "ground truth", "seed", "CRF", "IRN"], row_labels=captions)
 
 
-def launch_deeplab_training(cfg: Mapping[str, Any], mask_markers: Sequence[str], conf_markers: Sequence[str], model_out: str, work_dir: str, threads: int = 1, gpus: int = 0) -> Path:
+def launch_deeplab_training(cfg: Mapping[str, Any], mask_markers: Sequence[str], conf_markers: Sequence[str], model_out: str, work_dir: str, threads: int = 1, gpus: int = 0,
+                            log_out: Optional[str] = None) -> Path:
     """DeepLab training; with more than one GPU it re-launches itself under ``torchrun`` (one process
-    per GPU, DDP in :mod:`wsss.engine`), otherwise it trains in this process."""
+    per GPU, DDP in :mod:`wsss.engine`), otherwise it trains in this process. The step log is copied
+    to ``log_out`` at the end."""
     import json
     import subprocess
     import sys
 
     if int(gpus or 0) <= 1 or "WORLD_SIZE" in os.environ:
-        return train_deeplab(cfg, mask_markers, conf_markers, model_out, work_dir, threads=threads)
+        out = train_deeplab(cfg, mask_markers, conf_markers, model_out, work_dir, threads=threads)
+        publish_train_log(work_dir, log_out)
+        return out
     args = Path(work_dir) / "torchrun_args.json"
     args.parent.mkdir(parents=True, exist_ok=True)
     args.write_text(json.dumps({"cfg": dict(cfg), "mask_markers": list(mask_markers), "conf_markers": list(conf_markers),
@@ -396,6 +414,7 @@ def launch_deeplab_training(cfg: Mapping[str, Any], mask_markers: Sequence[str],
            "-m", "wsss.pipeline", "deeplab-train", str(args)]
     log.info("launching %s", " ".join(cmd))
     subprocess.run(cmd, check=True)
+    publish_train_log(work_dir, log_out)
     return Path(model_out)
 
 

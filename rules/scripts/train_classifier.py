@@ -9,4 +9,5 @@ with logged(snakemake):
         snakemake.output.model,
         snakemake.params.work_dir,
         threads=snakemake.threads,
+        log_out=snakemake.output.log_csv,
     )

@@ -171,9 +171,17 @@ def load_state_dict_into(
     own = module.state_dict()
     state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}
     if not any(k in own for k in state):
-        nested = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
-        if any(k in own for k in nested):
-            state = nested
+        # a whole method's state_dict (a classifier's model.pt): its backbone sits under
+        # 'backbone.' or, for wrapping methods (e.g. '<m>+islfsl'), 'base.backbone.'; take the
+        # prefix whose tensors match the most parameters (the shortest one on a tie)
+        prefixes = {k[: k.index("backbone.") + len("backbone.")] for k in state if "backbone." in k}
+        best, best_hits = None, 0
+        for prefix in sorted(prefixes, key=len):
+            hits = sum(k[len(prefix) :] in own for k in state if k.startswith(prefix))
+            if hits > best_hits:
+                best, best_hits = prefix, hits
+        if best is not None:
+            state = {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
     matched = {k: v for k, v in state.items() if k in own}
     what = f"backbone {arch!r}" if arch else type(module).__name__
     if not matched:
