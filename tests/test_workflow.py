@@ -127,6 +127,6 @@ def test_ablation_on_tiny_dataset(tmp_path):
 
     snakemake(tmp_path, "--configfile", str(TINY), str(REPO / "tests" / "configs" / "ablation_tiny.yaml"), "--cores", "2")
     ab = pd.read_csv(tmp_path / "results" / "synthetic-tiny" / "tables" / "ablation.csv").set_index("experiment")
-    assert sorted(ab.index) == ["base", "isl"] and (ab["n_seeds"] == 2).all()
+    assert sorted(ab.index) == ["baseline", "isl"] and (ab["n_seeds"] == 2).all()
     assert ab["seed_miou_std"].notna().all() and ab["deeplab_miou_mean"].notna().all()
     assert "±" in (tmp_path / "results" / "synthetic-tiny" / "tables" / "ablation.md").read_text()
