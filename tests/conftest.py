@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two xdist workers on a 2-core machine: one intra-op thread each, not two each (oversubscribed
+    # OpenMP threads spin and slow both down); jobs that snakemake starts set their own threads
+    import torch
+
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -110,7 +110,9 @@ def test_checkpoint_of_other_config_is_refused(tmp_path):
 
 def test_training_reduces_loss(tmp_path):
     m = make_method()
-    cfg = TrainConfig(epochs=8, batch_size=4, lr=0.01, seed=1, amp=False, momentum_mode="standard")
+    # lr 0.003: with 0.01 and momentum 0.9 the per-step loss on 12 random images bounces so much that
+    # the comparison below depended on the thread count (ratio 0.2 .. 1.6); at 0.003 it is 0.2 .. 0.35
+    cfg = TrainConfig(epochs=8, batch_size=4, lr=0.003, seed=1, amp=False, momentum_mode="standard")
     train(m, RandomSet(), cfg, tmp_path / "model.pt", tmp_path, resolved_config=RESOLVED, progress=False)
     with open(tmp_path / "train_log.csv") as fh:
         losses = [float(r["loss_total"]) for r in csv.DictReader(fh)]

@@ -39,7 +39,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow
+# one pytest-xdist worker runs the whole file: its session fixtures own the Slurm daemons and the
+# one DAG run the tests share
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
