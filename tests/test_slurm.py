@@ -33,15 +33,16 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-# one pytest-xdist worker runs the whole file: its session fixtures own the Slurm daemons and the
-# one DAG run the tests share
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# one pytest-xdist worker runs the whole file (`--dist loadfile` in pyproject.toml): its session
+# fixtures own the Slurm daemons and the one DAG run the tests share
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -80,7 +81,25 @@ def run_script(script: Path, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def slurm():
+def slurm_owner(tmp_path_factory):
+    """An exclusive lock on this machine's test cluster: two processes running this file at once
+    (two pytest runs, or xdist workers that split the file) would install, start and stop the same
+    daemons under each other. The second one fails here, saying why."""
+    import fcntl
+
+    lock = open(tempfile.gettempdir() + "/wsss-slurm-test.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        pytest.fail("another process runs the Slurm integration test on this machine (a second pytest run, or "
+                    "xdist workers splitting tests/test_slurm.py: run it with `--dist loadfile`)", pytrace=False)
+    yield
+    lock.close()
+
+
+@pytest.fixture(scope="session")
+def slurm(slurm_owner):
     """A running one-node Slurm cluster (partitions debug, gpu; account ci; 2 fake GPUs)."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         cannot_run("needs root (tests/slurm/start.sh installs and starts the Slurm daemons)")
