@@ -12,10 +12,10 @@ What it checks, with `snakemake --profile profiles/slurm-test` and the tiny pres
   checkpoint, and the next invocation resumes from it (the rule log says "resuming from"; the
   step log has every step exactly once).
 
-By default the DAG runs `--until seed_eval dataset_stats` (data, classifier training, CAM shards,
-seed evaluation: ~7 jobs), which keeps this file within a few minutes on 2 cores; each Slurm job
-costs ~20 s of its own (two Snakemake start-ups) plus status-check rounds. WSSS_SLURM_TEST_FULL=1
-runs the whole default DAG instead (~25 jobs, ~9 minutes on 2 cores).
+The tiny preset's whole DAG runs (data -> classifier -> CAMs -> CRF / IRN -> DeepLab -> tables, ~27
+jobs; each Slurm job costs a few seconds of its own: two Snakemake start-ups plus status-check
+rounds). WSSS_SLURM_TEST_QUICK=1 runs only `--until seed_eval dataset_stats` (data, classifier
+training, CAM shards, seed evaluation: ~7 jobs) for a quicker look while working on this file.
 
 Needs root: start.sh installs Debian's Slurm packages and starts munge, MariaDB, slurmdbd,
 slurmctld and slurmd on localhost; stop.sh stops exactly those daemons at the end of the session.
@@ -50,8 +50,11 @@ PROFILE = REPO / "profiles" / "slurm-test"
 START = REPO / "tests" / "slurm" / "start.sh"
 STOP = REPO / "tests" / "slurm" / "stop.sh"
 
-GPU_RULES = {"train_classifier", "cam_shard"}
-UNTIL = [] if os.environ.get("WSSS_SLURM_TEST_FULL", "") not in ("", "0") else ["--until", "seed_eval", "dataset_stats"]
+QUICK = os.environ.get("WSSS_SLURM_TEST_QUICK", "") not in ("", "0")
+UNTIL = ["--until", "seed_eval", "dataset_stats"] if QUICK else []
+# training and inference rules (gpu=1) among the jobs the run submits
+GPU_RULES = {"train_classifier", "cam_shard"} | (set() if QUICK else
+                                                  {"train_irn", "irn_masks_shard", "train_deeplab", "deeplab_predict_shard"})
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE"}
 # start.sh exit codes meaning "this machine cannot host the test cluster" (not "start.sh is broken")
@@ -265,7 +268,7 @@ def tiny_run(slurm, tmp_path_factory):
     """The tiny preset's DAG, once, through sbatch: (workdir, snakemake log, its jobs, sacct records)."""
     workdir = tmp_path_factory.mktemp("slurm-tiny")
     write_config(workdir)
-    output = snakemake(workdir, *UNTIL)
+    output = snakemake(workdir, *UNTIL, limit=1500)
     jobs = submitted(output)
     assert jobs, f"no job went through sbatch:\n{output[-5000:]}"
     return workdir, output, jobs, sacct(jobs)
