@@ -84,7 +84,7 @@ def run_script(script: Path, timeout: int) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def slurm_owner(tmp_path_factory):
+def slurm_owner():
     """An exclusive lock on this machine's test cluster: two processes running this file at once
     (two pytest runs, or xdist workers that split the file) would install, start and stop the same
     daemons under each other. The second one fails here, saying why."""
