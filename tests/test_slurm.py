@@ -28,6 +28,7 @@ the jobs run on the CPU; CPU and memory limits are not enforced (no cgroups).
 from __future__ import annotations
 
 import csv
+import fcntl
 import os
 import re
 import shutil
@@ -53,8 +54,9 @@ STOP = REPO / "tests" / "slurm" / "stop.sh"
 QUICK = os.environ.get("WSSS_SLURM_TEST_QUICK", "") not in ("", "0")
 UNTIL = ["--until", "seed_eval", "dataset_stats"] if QUICK else []
 # training and inference rules (gpu=1) among the jobs the run submits
-GPU_RULES = {"train_classifier", "cam_shard"} | (set() if QUICK else
-                                                  {"train_irn", "irn_masks_shard", "train_deeplab", "deeplab_predict_shard"})
+GPU_RULES = {"train_classifier", "cam_shard"}
+if not QUICK:
+    GPU_RULES |= {"train_irn", "irn_masks_shard", "train_deeplab", "deeplab_predict_shard"}
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
                 "BOOT_FAIL", "DEADLINE"}
 # start.sh exit codes meaning "this machine cannot host the test cluster" (not "start.sh is broken")
@@ -88,8 +90,6 @@ def slurm_owner():
     """An exclusive lock on this machine's test cluster: two processes running this file at once
     (two pytest runs, or xdist workers that split the file) would install, start and stop the same
     daemons under each other. The second one fails here, saying why."""
-    import fcntl
-
     lock = open(tempfile.gettempdir() + "/wsss-slurm-test.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
