@@ -222,11 +222,21 @@ def test_crf_masks_shard_writes_resumes_and_evaluates(cam_setup, tmp_path, monke
         return real(*a, **k)
 
     monkeypatch.setattr(crfmod, "crf_with_alpha", counting)
-    # a pre-existing PNG (an earlier, interrupted run) is kept, not recomputed
+    # a PNG an interrupted attempt of the same job wrote (in its journal) is kept, not recomputed;
+    # one left by an earlier completed run (ids[1]: not in the journal) is rewritten
+    from wsss.workflow.journal import ShardJournal
+
     sentinel = np.full(ds.load_mask(ids[0]).shape, 3, np.uint8)
     write_label_png(out / f"{ids[0]}.png", sentinel, voc_palette())
+    write_label_png(out / f"{ids[1]}.png", sentinel, voc_palette())
+    interrupted = ShardJournal(tmp_path / "shard.journal", {"job": 1})
+    interrupted.start()
+    interrupted.record(ids[0])
+    interrupted.close()
+    journal = ShardJournal(tmp_path / "shard.journal", {"job": 1})
     with CamStore(path) as store:
-        res = crf_masks_shard(ds, store, ids, out, {"alpha": 4}, progress=False)
+        res = crf_masks_shard(ds, store, ids, out, {"alpha": 4}, progress=False, journal=journal)
+    journal.finish()
     assert res == {"written": len(ids) - 1, "skipped": 1}
     assert len(calls) == len(ids) - 1
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.png" for i in ids)  # no temporary files left
@@ -240,10 +250,11 @@ def test_crf_masks_shard_writes_resumes_and_evaluates(cam_setup, tmp_path, monke
         rec = store[ids[1]]
         expect = real(ds.load_image(ids[1]), rec.high_res, rec.keys, 4)[1]
     np.testing.assert_array_equal(read_label_png(out / f"{ids[1]}.png"), expect)
-    # a second run recomputes nothing
+    # a second run of the finished job (forced rerun) recomputes everything
     with CamStore(path) as store:
-        assert crf_masks_shard(ds, store, ids, out, {"alpha": 4}, progress=False) == {"written": 0, "skipped": len(ids)}
-    assert len(calls) == len(ids) - 1
+        assert crf_masks_shard(ds, store, ids, out, {"alpha": 4}, progress=False,
+                               journal=ShardJournal(tmp_path / "shard.journal", {"job": 1})) == {"written": len(ids), "skipped": 0}
+    assert len(calls) == 2 * len(ids) - 1
 
     cm = evaluate_masks(ds, ids, out)
     direct = ConfusionMatrix(ds.num_classes)

@@ -433,9 +433,11 @@ def test_make_ir_labels_writes_and_resumes(tmp_path):
         calls.append(n_labels)
         return labels.astype(np.uint8)
 
+    from wsss.workflow.journal import ShardJournal
+
     out = tmp_path / "ir"
     assert make_ir_labels(FakeDS(images), store, list(images), out, {"fg_thresh": 0.5, "bg_thresh": 0.2},
-                          crf_fn=counting, progress=False) == {"written": 3, "skipped": 0}
+                          crf_fn=counting, progress=False, journal=ShardJournal(tmp_path / "j", {"a": 1})) == {"written": 3, "skipped": 0}
     assert sorted(calls) == [2, 2, 3, 3]  # two CRFs per labelled image, none for the unlabelled one
     for i in images:
         lab = read_label_png(out / f"{i}.png")
@@ -447,11 +449,18 @@ def test_make_ir_labels_writes_and_resumes(tmp_path):
     rec = store.get("im1")
     want = cam_to_ir_label(images["im1"], rec.high_res, rec.keys, 0.5, 0.2, identity_crf)
     assert np.array_equal(read_label_png(out / "im1.png"), want)
+    # the job was interrupted (journal not finished) and im0's PNG lost: only im0 is redone
     (out / "im0.png").unlink()
     calls.clear()
     assert make_ir_labels(FakeDS(images), store, list(images), out, {"fg_thresh": 0.5, "bg_thresh": 0.2},
-                          crf_fn=counting, progress=False) == {"written": 1, "skipped": 2}
+                          crf_fn=counting, progress=False, journal=ShardJournal(tmp_path / "j", {"a": 1})) == {"written": 1, "skipped": 2}
     assert calls == [2, 2]
+    # another job identity (new inputs) or no journal: everything is redone
+    calls.clear()
+    assert make_ir_labels(FakeDS(images), store, list(images), out, {"fg_thresh": 0.5, "bg_thresh": 0.2},
+                          crf_fn=counting, progress=False, journal=ShardJournal(tmp_path / "j", {"a": 2})) == {"written": 3, "skipped": 0}
+    assert make_ir_labels(FakeDS(images), store, list(images), out, {"fg_thresh": 0.5, "bg_thresh": 0.2},
+                          crf_fn=counting, progress=False) == {"written": 3, "skipped": 0}
     assert not list(out.glob(".tmp-*"))
     with pytest.raises(KeyError, match="no CAM"):
         make_ir_labels(FakeDS(images), store, ["nope"], out, None, crf_fn=counting, progress=False)
@@ -607,8 +616,10 @@ def test_pseudo_label_and_make_irn_masks(tmp_path):
     store = _cam_store(tmp_path, images, keys_of, seed=1)
     params = {"exp_times": 4, "pad_to": 48}
     out, conf = tmp_path / "sem", tmp_path / "conf"
+    from wsss.workflow.journal import ShardJournal
+
     res = make_irn_masks(FakeDS(images), store, list(images), model, out, params, conf_dir=conf,
-                         device=torch.device("cpu"), progress=False)
+                         device=torch.device("cpu"), progress=False, journal=ShardJournal(tmp_path / "j", {"a": 1}))
     assert res == {"written": 3, "skipped": 0}
     loaded = load_irn(model, torch.device("cpu"))
     for i, img in images.items():
@@ -629,7 +640,10 @@ def test_pseudo_label_and_make_irn_masks(tmp_path):
     assert np.array_equal(ls, ld)
     (conf / "im0.png").unlink()
     assert make_irn_masks(FakeDS(images), store, list(images), model, out, params, conf_dir=conf,
-                          device=torch.device("cpu"), progress=False) == {"written": 1, "skipped": 2}
+                          device=torch.device("cpu"), progress=False,
+                          journal=ShardJournal(tmp_path / "j", {"a": 1})) == {"written": 1, "skipped": 2}
+    assert make_irn_masks(FakeDS(images), store, list(images), model, out, params, conf_dir=conf,
+                          device=torch.device("cpu"), progress=False) == {"written": 3, "skipped": 0}
     with pytest.raises(ValueError, match="not an IRN model"):
         from wsss.engine import save_checkpoint
 

@@ -455,18 +455,29 @@ def test_train_predict_shard_resumable(tmp_path, caplog):
     assert len(rows) == 2 and "loss_ce" in rows[0] and "lr_head" in rows[0]
     assert float(rows[0]["lr_head"]) == pytest.approx(0.01)  # head_lr_mult 1 (BECO)
 
+    from wsss.workflow.journal import ShardJournal
+
+    def journal():  # the same job each time: an interrupted attempt resumes from it
+        return ShardJournal(tmp_path / "s0.journal", {"job": 0})
+
     out = tmp_path / "pred"
-    r0 = predict_shard(ds, ids, model, params, out, shard_index=0, num_shards=2, marker_path=tmp_path / "s0.json", progress=False)
+    r0 = predict_shard(ds, ids, model, params, out, shard_index=0, num_shards=2, marker_path=tmp_path / "s0.json", progress=False,
+                       journal=journal())
     assert r0["written"] == 2 and sorted(p.stem for p in out.glob("*.png")) == ids[:2]
     assert (tmp_path / "s0.json").exists()
-    # resumable: existing PNGs are kept (not recomputed); nothing to do -> the model is not even read
+    # resumable: PNGs this job wrote are kept (not recomputed); nothing to do -> the model is not even read
     write_label_png(out / f"{ids[0]}.png", np.full((24, 32), 2, np.uint8))
-    r0b = predict_shard(ds, ids, tmp_path / "missing.pt", params, out, shard_index=0, num_shards=2, progress=False)
+    r0b = predict_shard(ds, ids, tmp_path / "missing.pt", params, out, shard_index=0, num_shards=2, progress=False, journal=journal())
     assert (r0b["written"], r0b["skipped"]) == (0, 2)
     assert (read_label_png(out / f"{ids[0]}.png") == 2).all()
     os.remove(out / f"{ids[1]}.png")
-    r0c = predict_shard(ds, ids, model, params, out, shard_index=0, num_shards=2, progress=False)
+    r0c = predict_shard(ds, ids, model, params, out, shard_index=0, num_shards=2, progress=False, journal=journal())
     assert (r0c["written"], r0c["skipped"]) == (1, 1)
+    # the job finished: a forced rerun rewrites every PNG (the planted one included)
+    journal().finish()
+    r0d = predict_shard(ds, ids, model, params, out, shard_index=0, num_shards=2, progress=False, journal=journal())
+    assert (r0d["written"], r0d["skipped"]) == (2, 0)
+    assert not (read_label_png(out / f"{ids[0]}.png") == 2).all()
     r1 = predict_shard(ds, ids, model, params, out, shard_index=1, num_shards=2, progress=False)
     assert r1["written"] == 2 and len(list(out.glob("*.png"))) == 4
     row = evaluate_predictions(ds, ids, out, tmp_path / "m.csv", tmp_path / "pc.csv", resolved_config={"deeplab": params}, progress=False)

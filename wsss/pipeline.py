@@ -182,6 +182,15 @@ def write_shard_marker(path: str | Path, *, kind: str, ids: Sequence[str], mask_
     })
 
 
+def shard_journal(marker: str | Path, resolved: Mapping[str, Any], inputs: Sequence[str | Path]):
+    """The journal of a mask-producing shard job (:mod:`wsss.workflow.journal`): a resumed job
+    keeps only the PNGs it wrote itself with the same config and the same input files; a forced
+    rerun or a rerun after an upstream change rewrites every PNG."""
+    from .workflow.journal import journal_for
+
+    return journal_for(marker, config_hash=config_hash(resolved), inputs=inputs)
+
+
 def read_shard_markers(paths: Sequence[str | Path]) -> tuple[Path, list]:
     """The mask folder and ids recorded by shard markers (all shards must share one folder)."""
     import json
@@ -206,10 +215,12 @@ def crf_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, sha
     resolved = stage_config(cfg, "classifier", "cam", "crf")
     out_dir = masks_dir(Path(marker).parent, resolved)
     ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    journal = shard_journal(marker, resolved, cam_paths)
     with CamStore(cam_paths) as store:
-        stats = crf_masks_shard(ds, store, ids, out_dir, cfg["crf"], progress=progress, workers=threads)
+        stats = crf_masks_shard(ds, store, ids, out_dir, cfg["crf"], progress=progress, workers=threads, journal=journal)
     log.info("CRF shard %d/%d: %s", shard_index + 1, num_shards, stats)
     write_shard_marker(marker, kind="crf", ids=ids, mask_dir=out_dir, resolved=resolved)
+    journal.finish()
     return Path(marker)
 
 
@@ -241,6 +252,7 @@ def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv
     from .cams import CamStore
     from .io import voc_palette, write_label_png
     from .seeds import cam_to_label, chosen_threshold
+    from .workflow.per_image import map_images
 
     ds = open_dataset(cfg)
     t = chosen_threshold(pd.read_csv(sweep_csv))
@@ -249,13 +261,16 @@ def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv
     ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     out_dir.mkdir(parents=True, exist_ok=True)
     pal = voc_palette()
+    journal = shard_journal(marker, resolved, [*cam_paths, sweep_csv])
+
     with CamStore(cam_paths) as store:
-        for image_id in ids:
-            path = out_dir / f"{image_id}.png"
-            if not path.exists():
-                rec = store.get(image_id, fields=("keys", "high_res"))
-                write_label_png(path, cam_to_label(rec.high_res, rec.keys, t), pal)
+        def one(image_id: str) -> None:
+            rec = store.get(image_id, fields=("keys", "high_res"))
+            write_label_png(out_dir / f"{image_id}.png", cam_to_label(rec.high_res, rec.keys, t), pal)
+
+        map_images(ids, one, exists=lambda i: (out_dir / f"{i}.png").exists(), journal=journal, desc="seed masks", progress=False)
     write_shard_marker(marker, kind="seeds", ids=ids, mask_dir=out_dir, resolved=resolved)
+    journal.finish()
     return Path(marker)
 
 
@@ -286,10 +301,13 @@ def deeplab_predict_shard(cfg: Mapping[str, Any], model_path: str, marker: str, 
     resolved = deeplab_config(cfg)
     out_dir = masks_dir(Path(marker).parent, resolved)
     ids = ds.ids(cfg["dataset"]["eval_split"])
-    predict_shard(ds, ids, model_path, cfg["deeplab"], out_dir, shard_index, num_shards, threads=threads, progress=progress)
+    journal = shard_journal(marker, resolved, [model_path])
+    predict_shard(ds, ids, model_path, cfg["deeplab"], out_dir, shard_index, num_shards, threads=threads, progress=progress,
+                  journal=journal)
     from .cam_infer import shard_ids
 
     write_shard_marker(marker, kind="deeplab", ids=shard_ids(ids, shard_index, num_shards), mask_dir=out_dir, resolved=resolved)
+    journal.finish()
     return Path(marker)
 
 
@@ -323,10 +341,13 @@ def ir_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: st
     resolved = dict(stage_config(cfg, "classifier", "cam"), irn_ir_label=cfg["irn"]["ir_label"])
     out_dir = masks_dir(Path(marker).parent, resolved)
     ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    journal = shard_journal(marker, resolved, cam_paths)
     with CamStore(cam_paths) as store:
-        stats = make_ir_labels(ds, store, ids, out_dir, cfg["irn"]["ir_label"], workers=threads, progress=progress)
+        stats = make_ir_labels(ds, store, ids, out_dir, cfg["irn"]["ir_label"], workers=threads, progress=progress,
+                               journal=journal)
     log.info("IR labels shard %d/%d: %s", shard_index + 1, num_shards, stats)
     write_shard_marker(marker, kind="ir_labels", ids=ids, mask_dir=out_dir, resolved=resolved)
+    journal.finish()
     return Path(marker)
 
 
@@ -364,13 +385,15 @@ def irn_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], model_path
     conf_dir = masks_dir(Path(conf_marker).parent, resolved) if conf_marker else None
     ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     device, _ = device_and_workers(threads)
+    journal = shard_journal(marker, resolved, [*cam_paths, model_path])
     with CamStore(cam_paths) as store:
         stats = make_irn_masks(ds, store, ids, model_path, out_dir, cfg["irn"]["infer"], conf_dir=conf_dir,
-                               device=device, progress=progress)
+                               device=device, progress=progress, journal=journal)
     log.info("IRN masks shard %d/%d: %s", shard_index + 1, num_shards, stats)
     write_shard_marker(marker, kind="irn", ids=ids, mask_dir=out_dir, resolved=resolved)
     if conf_marker:
         write_shard_marker(conf_marker, kind="irn_confidence", ids=ids, mask_dir=conf_dir, resolved=resolved)
+    journal.finish()
     return Path(marker)
 
 

@@ -32,7 +32,6 @@ mean-subtracted image cast to ``uint8`` (negative values wrap; irn_deeplab.md §
 
 from __future__ import annotations
 
-import multiprocessing
 import numbers
 import os
 from pathlib import Path
@@ -40,13 +39,13 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..workflow import process_context
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 from tqdm import tqdm
 
 from ..io import DataError, read_label_png, voc_palette, write_label_png
 from ..metrics import ConfusionMatrix
+from ..workflow.per_image import map_images
 
 __all__ = [
     "PSA_PAIRWISE",
@@ -420,13 +419,14 @@ def crf_masks_shard(
     params: Optional[Mapping[str, Any]],
     progress: bool = True,
     workers: int = 1,
+    journal: Any = None,
 ) -> Dict[str, int]:
     """CRF masks of ``ids`` as palette PNGs ``<out_dir>/<id>.png`` (label ids, VOC palette), atomically.
 
     ``ds``: a :class:`wsss.data.base.SegDataset` (images); ``store``: a :class:`wsss.cams.CamStore`
     (``keys``, ``high_res``); ``params``: the ``crf`` config section (:func:`resolve_params`).
-    Ids whose PNG already exists are skipped, so an interrupted job resumes where it stopped (PNGs
-    are written under a temporary name and renamed, so an existing one is complete). ``workers`` > 1
+    Every PNG is (re)written except those an interrupted attempt of the same job recorded in
+    ``journal`` (:class:`wsss.workflow.journal.ShardJournal`; None: no resume). ``workers`` > 1
     runs the CRFs in that many processes (pydensecrf is single-threaded). Returns
     ``{"written": n, "skipped": m}``.
     """
@@ -437,25 +437,11 @@ def crf_masks_shard(
         raise KeyError(f"{len(missing)} image(s) have no CAM in the store, e.g. {missing[:5]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in ids if not mask_path(out_dir, i).exists()]
-    skipped = len(ids) - len(todo)
-    desc = f"CRF ({resolved['mode']})"
-    bar = tqdm(total=len(ids), initial=skipped, desc=desc, disable=not progress, mininterval=2.0, unit="img")
-    try:
-        workers = max(1, min(int(workers), len(todo)))
-        if workers == 1:
-            for image_id in todo:
-                _process(ds, store, out_dir, resolved, image_id)
-                bar.update()
-        else:
-            # fork (see wsss.workflow.process_context): spawn re-runs a rule script's __main__
-            ctx = process_context()
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(ds, store, str(out_dir), resolved)) as pool:
-                for _ in pool.imap_unordered(_process_in_worker, todo, chunksize=1):
-                    bar.update()
-    finally:
-        bar.close()
-    return {"written": len(todo), "skipped": skipped}
+    return map_images(
+        ids, lambda i: _process(ds, store, out_dir, resolved, i), exists=lambda i: mask_path(out_dir, i).exists(),
+        journal=journal, workers=workers, worker_fn=_process_in_worker, initializer=_init_worker,
+        initargs=(ds, store, str(out_dir), resolved), desc=f"CRF ({resolved['mode']})", progress=progress,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import multiprocessing
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -33,7 +32,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..workflow import process_context
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -48,6 +46,7 @@ from ..engine import TrainConfig, load_model_state, save_checkpoint, train
 from ..io import DataError, read_label_png, voc_palette, write_label_png
 from ..methods.base import Method, StepContext
 from ..models.backbones import Backbone, ResNet, build_backbone
+from ..workflow.per_image import map_images, todo_ids
 from .path_index import PathIndex
 from .random_walk import STRIDE, WALKS, confidence_mask, random_walk, sem_seg_from_walk
 
@@ -790,14 +789,16 @@ def make_ir_labels(
     *,
     workers: int = 1,
     progress: bool = True,
+    journal: Any = None,
 ) -> Dict[str, int]:
     """IR labels of ``ids`` as palette PNGs ``<out_dir>/<id>.png`` (values 0, class ids, 255).
 
     ``ds``: a :class:`wsss.data.base.SegDataset` (images); ``store``: a :class:`wsss.cams.CamStore`
     (``keys``, ``high_res``); ``params``: ``irn.ir_label`` (:class:`IRLabelParams`); ``crf_fn``: the
-    label CRF (default :func:`wsss.refine.crf.crf_inference_label`). PNGs are written atomically and
-    ids whose PNG exists are skipped, so a rerun resumes. ``workers`` > 1 runs that many processes
-    (spawned; ``crf_fn`` must then be picklable, i.e. a module-level function). Returns
+    label CRF (default :func:`wsss.refine.crf.crf_inference_label`). PNGs are written atomically;
+    every id is (re)written except those an interrupted attempt of the same job recorded in
+    ``journal`` (:class:`wsss.workflow.journal.ShardJournal`; None: no resume). ``workers`` > 1
+    runs that many processes (forked; ``crf_fn`` must be a module-level function). Returns
     ``{"written": n, "skipped": m}``.
     """
     p = IRLabelParams.from_mapping(params)
@@ -807,23 +808,11 @@ def make_ir_labels(
         raise KeyError(f"{len(missing)} image(s) have no CAM in the store, e.g. {missing[:5]}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in ids if not ir_label_path(out_dir, i).exists()]
-    skipped = len(ids) - len(todo)
-    bar = tqdm(total=len(ids), initial=skipped, desc="IR labels", disable=not progress, mininterval=2.0, unit="img")
-    try:
-        workers = max(1, min(int(workers), len(todo)))
-        if workers == 1:
-            for image_id in todo:
-                _ir_label_one(ds, store, out_dir, p, crf_fn, image_id)
-                bar.update()
-        else:
-            ctx = process_context()
-            with ctx.Pool(workers, initializer=_init_ir_worker, initargs=(ds, store, out_dir, p, crf_fn)) as pool:
-                for _ in pool.imap_unordered(_ir_label_in_worker, todo, chunksize=1):
-                    bar.update()
-    finally:
-        bar.close()
-    return {"written": len(todo), "skipped": skipped}
+    return map_images(
+        ids, lambda i: _ir_label_one(ds, store, out_dir, p, crf_fn, i), exists=lambda i: ir_label_path(out_dir, i).exists(),
+        journal=journal, workers=workers, worker_fn=_ir_label_in_worker, initializer=_init_ir_worker,
+        initargs=(ds, store, out_dir, p, crf_fn), desc="IR labels", progress=progress,
+    )
 
 
 def train_irn(
@@ -896,12 +885,15 @@ def make_irn_masks(
     conf_dir: Optional[Union[str, os.PathLike]] = None,
     device: Optional[torch.device] = None,
     progress: bool = True,
+    journal: Any = None,
 ) -> Dict[str, int]:
     """Semantic pseudo-masks of ``ids`` (palette PNG ``<out_dir>/<id>.png``, label ids, no 255) from
     the stride-4 CAMs of ``store`` (``keys``, ``cam``) and the IRN ``model_path``; with
     ``conf_dir`` also the confidence masks ``<conf_dir>/<id>.png`` (grayscale 0/255, 255 =
-    confident; ``irn.infer.confidence_ratio`` of each predicted region). Atomic writes; ids whose
-    outputs all exist are skipped. Returns ``{"written": n, "skipped": m}``.
+    confident; ``irn.infer.confidence_ratio`` of each predicted region). Atomic writes; every id is
+    (re)written except those an interrupted attempt of the same job recorded in ``journal``
+    (:class:`wsss.workflow.journal.ShardJournal`; None: no resume). Returns
+    ``{"written": n, "skipped": m}``.
     """
     p = IRNInferParams.from_mapping(params)
     ids = list(ids)
@@ -917,17 +909,20 @@ def make_irn_masks(
     def done(i: str) -> bool:
         return (out_dir / f"{i}.png").exists() and (conf_dir is None or (conf_dir / f"{i}.png").exists())
 
-    todo = [i for i in ids if not done(i)]
-    if todo:
-        method = load_irn(model_path, device)
-        for image_id in tqdm(todo, desc="IRN masks", disable=not progress, mininterval=2.0, unit="img"):
-            rec = store.get(image_id, fields=("keys", "cam"))
-            img = ds.load_image(image_id)
-            if tuple(img.shape[:2]) != tuple(rec.size):
-                raise DataError(f"image {image_id!r} has size {tuple(img.shape[:2])} but its CAM has size {tuple(rec.size)}")
-            labels, scores = irn_pseudo_label(method, img, rec.cam, rec.keys, p, device)
-            if conf_dir is not None:
-                conf = confidence_mask(scores, p.confidence_ratio)
-                write_label_png(conf_dir / f"{image_id}.png", conf.astype(np.uint8) * 255)
-            write_label_png(out_dir / f"{image_id}.png", labels, _PALETTE)
-    return {"written": len(todo), "skipped": len(ids) - len(todo)}
+    todo, _ = todo_ids(ids, journal, done)
+    if not todo:
+        return {"written": 0, "skipped": len(ids)}
+    method = load_irn(model_path, device)
+
+    def one(image_id: str) -> None:
+        rec = store.get(image_id, fields=("keys", "cam"))
+        img = ds.load_image(image_id)
+        if tuple(img.shape[:2]) != tuple(rec.size):
+            raise DataError(f"image {image_id!r} has size {tuple(img.shape[:2])} but its CAM has size {tuple(rec.size)}")
+        labels, scores = irn_pseudo_label(method, img, rec.cam, rec.keys, p, device)
+        if conf_dir is not None:
+            conf = confidence_mask(scores, p.confidence_ratio)
+            write_label_png(conf_dir / f"{image_id}.png", conf.astype(np.uint8) * 255)
+        write_label_png(out_dir / f"{image_id}.png", labels, _PALETTE)
+
+    return map_images(ids, one, exists=done, journal=journal, desc="IRN masks", progress=progress)

@@ -49,6 +49,8 @@ from ..data.base import SegDataset
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, rescale, resize
 from ..io import DataError, read_label_png, voc_palette, write_label_png
 from ..metrics import BoundaryAccumulator, ConfusionMatrix, write_metrics_csv
+from ..workflow.journal import NoJournal
+from ..workflow.per_image import todo_ids
 from .params import CRF_IMAGES, FUSIONS
 
 log = logging.getLogger(__name__)
@@ -178,23 +180,30 @@ def predict_to_dir(
     num_workers: int = 0,
     progress: bool = True,
     desc: str = "predict",
+    journal: Any = None,
 ) -> Dict[str, int]:
-    """Write ``<out_dir>/<id>.png`` for every id without one; returns ``{"written": n, "skipped": m}``."""
+    """Write ``<out_dir>/<id>.png`` for every id (all of them, except those an interrupted attempt of
+    the same job recorded in ``journal``, a :class:`wsss.workflow.journal.ShardJournal`; None: no
+    resume); returns ``{"written": n, "skipped": m}``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i in ids if not prediction_path(out_dir, i).exists()]
-    skipped = len(ids) - len(todo)
+    journal = journal if journal is not None else NoJournal()
+    todo, skipped = todo_ids(ids, journal, lambda i: prediction_path(out_dir, i).exists())
     if skipped:
-        log.info("%d of %d predictions already in %s; computing %d", skipped, len(ids), out_dir, len(todo))
+        log.info("%d of %d predictions already written by this job in %s; computing %d", skipped, len(ids), out_dir, len(todo))
     if not todo:
         return {"written": 0, "skipped": skipped}
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     palette = voc_palette()
     loader = DataLoader(_ImageSet(ds, todo), batch_size=None, num_workers=num_workers, collate_fn=_as_is)
-    for image_id, img in tqdm(loader, total=len(todo), desc=desc, disable=not progress, mininterval=2.0):
-        label = predict_label(model, img, settings, device)
-        write_label_png(prediction_path(out_dir, image_id), label, palette=palette)
+    try:
+        for image_id, img in tqdm(loader, total=len(todo), desc=desc, disable=not progress, mininterval=2.0):
+            label = predict_label(model, img, settings, device)
+            write_label_png(prediction_path(out_dir, image_id), label, palette=palette)
+            journal.record(image_id)
+    finally:
+        journal.close()
     return {"written": len(todo), "skipped": skipped}
 
 

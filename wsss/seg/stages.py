@@ -3,8 +3,8 @@
 * :func:`train_segmentation` - train the configured network on pseudo-masks (or the ground truth)
   with :func:`wsss.engine.train`; resumable; under ``torchrun`` (``WORLD_SIZE`` > 1) it trains with
   DDP, one process per GPU.
-* :func:`predict_shard` - prediction PNGs for one shard of an id list (resumable: existing PNGs are
-  kept), so CPU jobs can run in parallel.
+* :func:`predict_shard` - prediction PNGs for one shard of an id list (an interrupted job resumes
+  from its journal), so CPU jobs can run in parallel.
 * :func:`evaluate_predictions` - metrics CSVs (+ gallery) from the prediction PNGs
   (:func:`wsss.seg.evaluate.evaluate_predictions`).
 
@@ -25,6 +25,8 @@ from .. import __version__
 from ..data.base import SegDataset
 from ..engine import load_model_state, train
 from ..io import write_json_atomic
+from ..workflow.journal import NoJournal
+from ..workflow.per_image import todo_ids
 from .data import SegTrainSet, transform_from_params
 from .evaluate import InferenceSettings, evaluate_predictions, predict_to_dir, prediction_path
 from .params import resolve_params
@@ -125,11 +127,13 @@ def predict_shard(
     threads: int = 1,
     marker_path: Optional[str | os.PathLike] = None,
     progress: bool = True,
+    journal: Any = None,
 ) -> Dict[str, Any]:
     """Write the prediction PNGs ``<out_dir>/<id>.png`` of shard ``shard_index`` of ``ids``.
 
-    Ids whose PNG exists are skipped (an interrupted job resumes; the model is not even loaded when
-    nothing is left). ``marker_path`` (optional) receives a JSON record of the shard (ids, counts,
+    Every PNG is (re)written except those an interrupted attempt of the same job recorded in
+    ``journal`` (:class:`wsss.workflow.journal.ShardJournal`; None: no resume); the model is not
+    even loaded when nothing is left. ``marker_path`` (optional) receives a JSON record of the shard (ids, counts,
     the model's config hash, package version), written last, for the rule's output.
     """
     from ..cam_infer import shard_ids
@@ -137,8 +141,9 @@ def predict_shard(
 
     p = resolve_params(params)
     mine = shard_ids(list(ids), shard_index, num_shards)
-    todo = [i for i in mine if not prediction_path(out_dir, i).exists()]
-    counts = {"written": 0, "skipped": len(mine) - len(todo)}
+    journal = journal if journal is not None else NoJournal()
+    todo, skipped = todo_ids(mine, journal, lambda i: prediction_path(out_dir, i).exists())
+    counts = {"written": 0, "skipped": skipped}
     model_hash = None
     if todo:
         device, workers = device_and_workers(threads)
@@ -147,7 +152,7 @@ def predict_shard(
         method = load_seg_method(model_path, p, ds.num_classes, state=state)
         counts = predict_to_dir(
             method, ds, mine, out_dir, InferenceSettings.from_params(p), device=device, num_workers=workers,
-            progress=progress, desc=f"predict shard {shard_index + 1}/{num_shards}",
+            progress=progress, desc=f"predict shard {shard_index + 1}/{num_shards}", journal=journal,
         )
     record = {
         "shard_index": shard_index, "num_shards": num_shards, "images": len(mine), **counts,
