@@ -108,7 +108,7 @@ def infer_cams(
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=identity_collate)
     with CamShardWriter(
         out_path, config=resolved_config, scales=scales, normalisation=normalisation,
-        shard_index=shard_index, num_shards=num_shards,
+        shard_index=shard_index, num_shards=num_shards, num_classes=ds.num_fg_classes,
     ) as writer:
         for (sample,) in tqdm(loader, desc=f"CAM shard {shard_index + 1}/{num_shards}", disable=not progress, mininterval=2.0):
             keys = np.nonzero(sample["label"])[0]

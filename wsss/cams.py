@@ -1,13 +1,20 @@
 """HDF5 store for class activation maps (CAMs), one file per shard.
 
-Layout (format version 1; the full description is ``docs/cam_hdf5_format.md``)::
+Layout (format version 2; the full description is ``docs/cam_hdf5_format.md``)::
 
     /                       file attrs: format_version, package_version, config_hash, config_json,
-                            scales, normalisation, shard_index, num_shards, num_images, complete
+                            scales, normalisation, shard_index, num_shards, num_images, complete,
+                            num_classes (number of foreground classes; when the writer was told it)
     /<image id>/            group attrs: height, width
         keys      int16   (K,)                 present foreground classes, 0-based (label id - 1)
         cam       float16 (K, ceil(H/4), ceil(W/4))   strided CAM in [0, 1]
         high_res  float16 (K, H, W)                   full-resolution CAM in [0, 1]
+
+Every non-empty dataset carries HDF5's Fletcher-32 checksum filter (version 2), so a damaged chunk
+is detected on read; readers also check ``keys`` (1-D integer, unique, ``0 <= k < num_classes``)
+and the map shapes against ``keys`` and the image size. Damage raises :class:`wsss.io.DataError`
+naming the shard file and the image id. Version 1 files (no checksums, no ``num_classes``) are
+still read, with the same checks except the checksums and the class range.
 
 Writers (:class:`CamShardWriter`) write to a temporary file next to the target and rename it into
 place only after setting ``complete = True``; readers (:class:`CamStore`) refuse anything else, so an
@@ -31,9 +38,11 @@ import numpy as np
 
 from . import __version__
 from .config import config_hash  # the one project-wide hash of a resolved config
-from .io import atomic_path
+from .io import DataError, atomic_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this code reads: 1 lacks the Fletcher-32 checksums and the ``num_classes`` attr.
+READABLE_FORMAT_VERSIONS = (1, 2)
 FIELDS = ("keys", "cam", "high_res")
 #: File attrs that describe how the maps were made; they are the same in every shard of one run.
 SHARED_ATTRS = ("format_version", "package_version", "config_hash", "config_json", "scales", "normalisation")
@@ -87,15 +96,75 @@ def _read_shared_attrs(f: h5py.File) -> Dict[str, Any]:
     return out
 
 
-def _check_version(path: Path, attrs: h5py.AttributeManager) -> None:
+def _check_version(path: Path, attrs: h5py.AttributeManager) -> int:
     if "format_version" not in attrs:
         raise ValueError(f"{path} is not a wsss CAM shard (no format_version attribute)")
     version = int(attrs["format_version"])
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise ValueError(
             f"CAM shard {path} has format_version {version}; this wsss ({__version__}) reads only "
-            f"format_version {FORMAT_VERSION}. Regenerate the CAMs or use a matching wsss version"
+            f"format_version {', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Regenerate the CAMs or use "
+            f"a matching wsss version"
         )
+    return version
+
+
+def _read_num_classes(path: Path, attrs: h5py.AttributeManager) -> Optional[int]:
+    """The ``num_classes`` attr (foreground classes), or None if the file does not record it."""
+    if "num_classes" not in attrs:
+        return None
+    value = attrs["num_classes"]
+    if not (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)) and int(value) > 0):
+        raise DataError(f"CAM shard {path} has an invalid num_classes attribute {value!r}")
+    return int(value)
+
+
+def _check_keys(keys: np.ndarray, num_classes: Optional[int]) -> Optional[str]:
+    """Why ``keys`` (as stored) is invalid, or None: 1-D integer, unique, ``0 <= k < num_classes``."""
+    if keys.ndim != 1 or not np.issubdtype(keys.dtype, np.integer):
+        return f"keys must be a 1-D integer array, got {keys.dtype} {keys.shape}"
+    if keys.size and keys.min() < 0:
+        return f"keys {keys.tolist()} contain a negative class index"
+    if keys.size and num_classes is not None and keys.max() >= num_classes:
+        return f"keys {keys.tolist()} contain a class index >= num_classes ({num_classes})"
+    if len(np.unique(keys)) != keys.size:
+        return f"keys {keys.tolist()} contain duplicates"
+    return None
+
+
+def _check_group(path: Path, image_id: str, g: h5py.Group, num_classes: Optional[int]) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """Read and check one image group's ``keys`` and the map shapes; returns (keys, (H, W)).
+
+    Damage (a failed checksum, bad keys, shapes that disagree) raises :class:`DataError` naming
+    the file and the image.
+    """
+    where = f"CAM shard {path}, image {image_id!r}"
+    try:
+        missing = [name for name in FIELDS if name not in g]
+        if missing:
+            raise DataError(f"{where}: missing dataset(s) {', '.join(missing)}; the file is damaged")
+        if "height" not in g.attrs or "width" not in g.attrs:
+            raise DataError(f"{where}: missing height/width attributes; the file is damaged")
+        size = (int(g.attrs["height"]), int(g.attrs["width"]))
+        keys = g["keys"][()]
+        shapes = {name: g[name].shape for name in ("cam", "high_res")}
+    except DataError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{where}: cannot read keys or attributes ({e}); the file is damaged, regenerate it") from e
+    problem = _check_keys(np.asarray(keys), num_classes)
+    if problem is not None:
+        raise DataError(f"{where}: {problem}; the file is damaged, regenerate it")
+    k = int(keys.size)
+    height, width = size
+    expected = {"cam": (k, math.ceil(height / 4), math.ceil(width / 4)), "high_res": (k, height, width)}
+    for name, shape in shapes.items():
+        if tuple(shape) != expected[name]:
+            raise DataError(
+                f"{where}: {name} has shape {tuple(shape)}, expected {expected[name]} for {k} keys and "
+                f"size {height}x{width}; the file is damaged, regenerate it"
+            )
+    return keys, size
 
 
 def _check_complete(path: Path, attrs: h5py.AttributeManager) -> None:
@@ -113,6 +182,8 @@ class CamShardWriter:
 
     ``config`` is the resolved config that produced the maps (stored as JSON and as
     :func:`config_hash`); ``scales`` and ``normalisation`` describe the inference.
+    ``num_classes`` (the number of foreground classes), when given, is stored as a file attr;
+    ``add`` then refuses keys ``>= num_classes`` and readers check every image's keys against it.
     """
 
     def __init__(
@@ -125,8 +196,13 @@ class CamShardWriter:
         shard_index: int = 0,
         num_shards: int = 1,
         gzip_level: int = DEFAULT_GZIP_LEVEL,
+        num_classes: Optional[int] = None,
     ):
         shard_index, num_shards = operator.index(shard_index), operator.index(num_shards)
+        if num_classes is not None:
+            num_classes = operator.index(num_classes)
+            if num_classes <= 0:
+                raise ValueError(f"num_classes (foreground classes) must be positive, got {num_classes}")
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"shard_index {shard_index} out of range for num_shards {num_shards}")
         scales_arr = np.asarray(scales, dtype=np.float64).reshape(-1)
@@ -146,6 +222,9 @@ class CamShardWriter:
             "shard_index": shard_index,
             "num_shards": num_shards,
         }
+        if num_classes is not None:
+            self._attrs["num_classes"] = num_classes
+        self.num_classes = num_classes
         self._ids: set[str] = set()
         self._file: Optional[h5py.File] = None
         self._stack: Optional[contextlib.ExitStack] = None
@@ -201,6 +280,10 @@ class CamShardWriter:
             raise ValueError(f"image {image_id!r}: keys must be a 1-D integer array, got {keys_arr.dtype} {keys_arr.shape}")
         if keys_arr.size and (keys_arr.min() < 0 or keys_arr.max() > np.iinfo(np.int16).max):
             raise ValueError(f"image {image_id!r}: keys must be 0-based foreground class indices, got {keys_arr.tolist()}")
+        if keys_arr.size and self.num_classes is not None and keys_arr.max() >= self.num_classes:
+            raise ValueError(
+                f"image {image_id!r}: keys {keys_arr.tolist()} must be < num_classes ({self.num_classes} foreground classes)"
+            )
         if len(np.unique(keys_arr)) != keys_arr.size:
             raise ValueError(f"image {image_id!r}: keys contain duplicates: {keys_arr.tolist()}")
         k = int(keys_arr.size)
@@ -216,9 +299,12 @@ class CamShardWriter:
         g = f.create_group(self._claim_id(image_id))
         g.attrs["height"] = int(height)
         g.attrs["width"] = int(width)
-        g.create_dataset("keys", data=keys_arr.astype(np.int16))
+        if k == 0:  # K = 0: empty datasets (chunking, so the checksum filter, needs non-zero dimensions)
+            g.create_dataset("keys", shape=(0,), dtype=np.int16)
+        else:  # one chunk with a Fletcher-32 checksum, so a damaged class index is detected
+            g.create_dataset("keys", data=keys_arr.astype(np.int16), chunks=(k,), fletcher32=True)
         for name, arr in (("cam", low), ("high_res", high)):
-            if arr.size == 0:  # K = 0: an empty dataset (chunking needs non-zero dimensions)
+            if arr.size == 0:
                 g.create_dataset(name, shape=arr.shape, dtype=np.float16)
             else:
                 g.create_dataset(
@@ -228,6 +314,7 @@ class CamShardWriter:
                     compression="gzip",
                     compression_opts=self.gzip_level,
                     shuffle=True,
+                    fletcher32=True,  # applied after gzip: each stored chunk carries its checksum
                 )
 
     def _copy_group(self, src: h5py.Group, image_id: str) -> None:
@@ -264,6 +351,10 @@ class CamStore:
         self._index: Dict[str, int] = {}
         #: (shard_index, num_shards) of each file, in ``paths`` order
         self.shard_info: List[Tuple[int, int]] = []
+        #: format_version of each file, in ``paths`` order
+        self.format_versions: List[int] = []
+        #: num_classes attr of each file (None where a file does not record it), in ``paths`` order
+        self.shard_num_classes: List[Optional[int]] = []
         shared: Optional[Dict[str, Any]] = None
         for i, path in enumerate(self.paths):
             if not path.exists():
@@ -273,8 +364,9 @@ class CamStore:
             except OSError as e:
                 raise ValueError(f"cannot open CAM shard {path}: {e}") from e
             with f:
-                _check_version(path, f.attrs)
+                self.format_versions.append(_check_version(path, f.attrs))
                 _check_complete(path, f.attrs)
+                self.shard_num_classes.append(_read_num_classes(path, f.attrs))
                 attrs = _read_shared_attrs(f)
                 if shared is None:
                     shared = attrs
@@ -296,6 +388,13 @@ class CamStore:
                     raise ValueError(f"image {name!r} is in two CAM shards: {self.paths[j]} and {path}")
         assert shared is not None
         self.attrs: Dict[str, Any] = shared
+        known = {(n, str(p)) for n, p in zip(self.shard_num_classes, self.paths) if n is not None}
+        if len({n for n, _ in known}) > 1:
+            raise DataError(
+                "CAM shards record different num_classes: " + ", ".join(f"{p}: {n}" for n, p in sorted(known))
+            )
+        #: number of foreground classes recorded by the shards (None if none records it)
+        self.num_classes: Optional[int] = next(iter(known))[0] if known else None
         self._files: List[Optional[h5py.File]] = [None] * len(self.paths)
         self._pid = os.getpid()
 
@@ -325,23 +424,44 @@ class CamStore:
             # inherited from the parent process: never touch its HDF5 handles, open our own
             self._files = [None] * len(self.paths)
             self._pid = os.getpid()
-        f = self._files[i]
-        if f is None:
-            f = self._files[i] = h5py.File(self.paths[i], "r")
-        return f[image_id]
+        path = self.paths[i]
+        try:
+            f = self._files[i]
+            if f is None:
+                f = self._files[i] = h5py.File(path, "r")
+            return f[image_id]
+        except (OSError, KeyError) as e:
+            raise DataError(f"CAM shard {path}, image {image_id!r}: cannot open the image group ({e}); the file is damaged") from e
 
     def get(self, image_id: str, fields: Sequence[str] = ("keys", "high_res")) -> CamRecord:
-        """Read only ``fields`` (a subset of ``keys``, ``cam``, ``high_res``); the others are None."""
+        """Read only ``fields`` (a subset of ``keys``, ``cam``, ``high_res``); the others are None.
+
+        ``keys`` and the map shapes are always checked; a failed checksum or other damage raises
+        :class:`wsss.io.DataError` naming the shard file and the image id.
+        """
         if isinstance(fields, str):
             fields = (fields,)
         unknown = [f for f in fields if f not in FIELDS]
         if unknown:
             raise ValueError(f"unknown CAM fields {unknown}; valid fields: {', '.join(FIELDS)}")
         g = self._group(image_id)
+        i = self._index[image_id]
+        path = self.paths[i]
+        keys, size = _check_group(path, image_id, g, self.shard_num_classes[i])
         out: Dict[str, Optional[np.ndarray]] = {name: None for name in FIELDS}
         for name in fields:
-            out[name] = g[name][()].astype(np.int64 if name == "keys" else np.float32)
-        return CamRecord(size=(int(g.attrs["height"]), int(g.attrs["width"])), **out)
+            if name == "keys":
+                out[name] = keys.astype(np.int64)
+                continue
+            try:
+                data = g[name][()]
+            except OSError as e:  # h5py: a failed Fletcher-32 checksum or an undecodable chunk
+                raise DataError(
+                    f"CAM shard {path}, image {image_id!r}: cannot read {name} ({e}); the file is damaged "
+                    f"(checksum or decompression failure), regenerate it"
+                ) from e
+            out[name] = data.astype(np.float32)
+        return CamRecord(size=size, **out)
 
     def __getitem__(self, image_id: str) -> CamRecord:
         return self.get(image_id, FIELDS)
@@ -375,7 +495,10 @@ def merge_shards(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike
 
     The shards must pass :class:`CamStore`'s checks and form a full set (shard indices
     ``0..num_shards-1`` once each), so a merged file never silently lacks a shard. Image groups are
-    copied as stored (no re-compression); file attrs other than the shard counters are kept.
+    copied as stored (no re-compression, checksums kept) after their ``keys`` and shapes are
+    checked; file attrs other than the shard counters are kept. The merged file gets the oldest
+    ``format_version`` of its shards (a version-1 shard's groups have no checksums), and
+    ``num_classes`` when a shard records it.
     """
     with CamStore(paths) as store:
         expected = store.shard_info[0][1]
@@ -387,10 +510,15 @@ def merge_shards(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike
                 f"{store.shard_info} from {', '.join(map(str, store.paths))}"
             )
         writer = CamShardWriter(
-            out_path, config=store.config, scales=store.attrs["scales"], normalisation=store.attrs["normalisation"]
+            out_path, config=store.config, scales=store.attrs["scales"], normalisation=store.attrs["normalisation"],
+            num_classes=store.num_classes,
         )
         writer._attrs["package_version"] = store.attrs["package_version"]  # keep the producing version
+        writer._attrs["format_version"] = min(store.format_versions)
         with writer:
             for image_id in store.ids():
-                writer._copy_group(store._group(image_id), image_id)
+                g = store._group(image_id)
+                i = store._index[image_id]
+                _check_group(store.paths[i], image_id, g, store.num_classes)
+                writer._copy_group(g, image_id)
     return Path(out_path)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import logging
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -99,10 +101,83 @@ def steps_per_epoch(n_images: int, batch_size: int, drop_last: bool) -> int:
     return n_images // batch_size if drop_last else math.ceil(n_images / batch_size)
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint or model file could not be written; the message names the file and the cause.
+
+    ``errno`` is ``ENOSPC`` when the disk is (most likely) full. Nothing is left at the target: the
+    temporary file is removed and a previous file at that path is unchanged.
+    """
+
+    def __init__(self, message: str, code: Optional[int] = None, path: Optional[Path] = None):
+        super().__init__(message)
+        self.errno = code
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+#: torch's zip writer reports failed writes (a full disk among them) as a RuntimeError with these words
+_TORCH_WRITE_FAILURE = ("PytorchStreamWriter", "inline_container", "file write failed", "unexpected pos")
+
+
+def _state_nbytes(obj: Any) -> int:
+    """Bytes of tensor data in a (nested) checkpoint state, about what ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_nbytes(v) for v in obj)
+    return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _checkpoint_write_error(path: Path, state: Mapping[str, Any], e: BaseException) -> CheckpointWriteError:
+    folder = path.parent
+    needed = _state_nbytes(state)
+    try:
+        free: Optional[int] = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+    if code == errno.ENOSPC:
+        cause = "no space left on device"
+    elif code is None and free is not None and free < max(needed, 1 << 20):
+        cause, code = "no space left on device (the disk is full or nearly so)", errno.ENOSPC
+    elif code is not None:
+        cause = os.strerror(code).lower()
+    else:
+        cause = "the write failed"
+    space = f"{_mib(free)} free in {folder}" if free is not None else f"free space in {folder} unknown"
+    msg = (
+        f"could not write checkpoint {path}: {cause} ({space}; the checkpoint needs about {_mib(needed)}). "
+        f"No partial file was left; a previous file at that path is unchanged. Error: {type(e).__name__}: {e}"
+    )
+    return CheckpointWriteError(msg, code, path)
+
+
 def save_checkpoint(path: Path, **state: Any) -> None:
+    """Write ``state`` (plus version fields) with ``torch.save``, atomically.
+
+    A failed write (full disk, quota, I/O error; torch reports these as a RuntimeError from its
+    ``inline_container.cc`` writer) raises :class:`CheckpointWriteError` naming the file, the
+    cause and the free space; no partial file is left.
+    """
+    path = Path(path)
     state = dict(state, checkpoint_version=CHECKPOINT_VERSION, package_version=__version__)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except OSError as e:
+        raise _checkpoint_write_error(path, state, e) from e
+    except RuntimeError as e:
+        if not any(word in str(e) for word in _TORCH_WRITE_FAILURE):
+            raise
+        raise _checkpoint_write_error(path, state, e) from e
 
 
 def load_checkpoint(path: Path) -> Dict[str, Any]:
