@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .cams import CamShardWriter
 from .data.base import SegDataset
-from .data.classification import MultiScaleSet, identity_collate
+from .data.classification import MultiScaleSet, identity_collate, select_labelled
 from .methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -98,17 +98,24 @@ def infer_cams(
     device: torch.device | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    skipped: Sequence[str] = (),
 ) -> Path:
-    """Compute CAMs of ``ids`` and write them to the HDF5 shard ``out_path`` (atomically)."""
+    """Compute CAMs of ``ids`` and write them to the HDF5 shard ``out_path`` (atomically).
+
+    ``skipped``: ids of this shard left out on purpose (unlabelled images), recorded in the shard
+    (:attr:`wsss.cams.CamStore.skipped`) so later stages leave them out too. An id of ``ids``
+    without any image-level label raises :class:`wsss.io.DataError` (its CAM would have no
+    channel) or without a row in ``labels``."""
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown CAM normalisation {normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
+    select_labelled(ids, labels, "error")  # names missing and unlabelled images
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method.to(device).eval()
     dataset = MultiScaleSet(ds, ids, labels, scales, flip)
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=identity_collate)
     with CamShardWriter(
         out_path, config=resolved_config, scales=scales, normalisation=normalisation,
-        shard_index=shard_index, num_shards=num_shards, num_classes=ds.num_fg_classes,
+        shard_index=shard_index, num_shards=num_shards, num_classes=ds.num_fg_classes, skipped=skipped,
     ) as writer:
         for (sample,) in tqdm(loader, desc=f"CAM shard {shard_index + 1}/{num_shards}", disable=not progress, mininterval=2.0):
             keys = np.nonzero(sample["label"])[0]

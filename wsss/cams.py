@@ -184,6 +184,9 @@ class CamShardWriter:
     :func:`config_hash`); ``scales`` and ``normalisation`` describe the inference.
     ``num_classes`` (the number of foreground classes), when given, is stored as a file attr;
     ``add`` then refuses keys ``>= num_classes`` and readers check every image's keys against it.
+    ``skipped``: ids of this shard left out on purpose (no image-level label and
+    ``classifier.on_unlabelled: skip``), stored as the JSON attr ``skipped_ids`` so later stages
+    skip the same images (:attr:`CamStore.skipped`) instead of reporting them missing.
     """
 
     def __init__(
@@ -197,6 +200,7 @@ class CamShardWriter:
         num_shards: int = 1,
         gzip_level: int = DEFAULT_GZIP_LEVEL,
         num_classes: Optional[int] = None,
+        skipped: Sequence[str] = (),
     ):
         shard_index, num_shards = operator.index(shard_index), operator.index(num_shards)
         if num_classes is not None:
@@ -224,6 +228,8 @@ class CamShardWriter:
         }
         if num_classes is not None:
             self._attrs["num_classes"] = num_classes
+        if skipped:
+            self._attrs["skipped_ids"] = json.dumps([_check_image_id(i) for i in skipped])
         self.num_classes = num_classes
         self._ids: set[str] = set()
         self._file: Optional[h5py.File] = None
@@ -355,6 +361,8 @@ class CamStore:
         self.format_versions: List[int] = []
         #: num_classes attr of each file (None where a file does not record it), in ``paths`` order
         self.shard_num_classes: List[Optional[int]] = []
+        #: ids the CAM stage left out on purpose (unlabelled images, ``classifier.on_unlabelled: skip``)
+        self.skipped: set[str] = set()
         shared: Optional[Dict[str, Any]] = None
         for i, path in enumerate(self.paths):
             if not path.exists():
@@ -382,6 +390,11 @@ class CamStore:
                         f"CAM shard {path} holds {len(names)} images but its num_images attribute says "
                         f"{int(f.attrs['num_images'])}"
                     )
+                skipped = json.loads(f.attrs["skipped_ids"]) if "skipped_ids" in f.attrs else []
+            overlap = set(skipped) & set(names)
+            if overlap:
+                raise DataError(f"CAM shard {path} lists images as both stored and skipped: {sorted(overlap)[:5]}")
+            self.skipped.update(skipped)
             for name in names:
                 j = self._index.setdefault(name, i)
                 if j != i:
@@ -511,7 +524,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike
             )
         writer = CamShardWriter(
             out_path, config=store.config, scales=store.attrs["scales"], normalisation=store.attrs["normalisation"],
-            num_classes=store.num_classes,
+            num_classes=store.num_classes, skipped=sorted(store.skipped),
         )
         writer._attrs["package_version"] = store.attrs["package_version"]  # keep the producing version
         writer._attrs["format_version"] = min(store.format_versions)

@@ -121,15 +121,23 @@ def infer_cam_shard(cfg: Mapping[str, Any], model_path: str, labels_csv: str, ou
 
     ds = open_dataset(cfg)
     labels = read_labels_csv(labels_csv, ds.class_names)
-    ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    ids = select_labelled(mine, labels, cfg["classifier"]["on_unlabelled"])
+    skipped = [i for i in mine if i not in set(ids)]
     method = load_classifier(cfg, model_path, ds.num_fg_classes)
     device, workers = device_and_workers(threads)
     c = cfg["cam"]
     return infer_cams(
         method, ds, ids, labels, Path(out_path), scales=c["scales"], flip=c["flip"], normalisation=c["normalisation"],
         resolved_config=stage_config(cfg, "classifier", "cam"), shard_index=shard_index, num_shards=num_shards,
-        device=device, num_workers=workers, progress=progress,
+        device=device, num_workers=workers, progress=progress, skipped=skipped,
     )
+
+
+def stored_ids(ids: Sequence[str], skipped: set) -> list:
+    """``ids`` without the images the CAM stage skipped (no image-level label,
+    ``classifier.on_unlabelled: skip``): every per-image stage after it leaves out the same ones."""
+    return [i for i in ids if i not in skipped]
 
 
 def evaluate_seeds(cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: str, gallery_png: str, progress: bool = True):
@@ -142,8 +150,8 @@ def evaluate_seeds(cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: st
 
     ds = open_dataset(cfg)
     split = cfg["dataset"]["eval_split"]
-    ids = ds.ids(split)
     with CamStore(cam_paths) as store:
+        ids = stored_ids(ds.ids(split), store.skipped)
         cms = sweep_thresholds(store, ds, ids, cfg["seed_eval"]["thresholds"], progress=progress)
         df = sweep_table(cms, ds.class_names, split)
         df["package_version"] = __version__
@@ -173,11 +181,14 @@ def masks_dir(base: str | Path, resolved: Mapping[str, Any]) -> Path:
     return Path(base) / f"masks-{config_hash(resolved)}"
 
 
-def write_shard_marker(path: str | Path, *, kind: str, ids: Sequence[str], mask_dir: Path, resolved: Mapping[str, Any]) -> None:
+def write_shard_marker(path: str | Path, *, kind: str, ids: Sequence[str], mask_dir: Path, resolved: Mapping[str, Any],
+                       skipped: Sequence[str] = ()) -> None:
+    """The tracked output of a mask-producing shard: its folder, the ids it wrote and the ids it
+    left out on purpose (``skipped``: unlabelled images the CAM stage skipped)."""
     from .io import write_json_atomic
 
     write_json_atomic(path, {
-        "kind": kind, "mask_dir": str(mask_dir), "ids": list(ids), "num_images": len(ids),
+        "kind": kind, "mask_dir": str(mask_dir), "ids": list(ids), "num_images": len(ids), "skipped": sorted(skipped),
         "config_hash": config_hash(resolved), "package_version": __version__, "config": dict(resolved),
     })
 
@@ -193,16 +204,28 @@ def shard_journal(marker: str | Path, resolved: Mapping[str, Any], inputs: Seque
 
 def read_shard_markers(paths: Sequence[str | Path]) -> tuple[Path, list]:
     """The mask folder and ids recorded by shard markers (all shards must share one folder)."""
+    mask_dir, ids, _ = read_shard_markers_full(paths)
+    return mask_dir, ids
+
+
+def read_shard_markers_full(paths: Sequence[str | Path]) -> tuple[Path, list, set]:
+    """The mask folder, the ids written and the ids skipped on purpose, from shard markers."""
     import json
 
-    dirs, ids = set(), []
+    from .io import DataError
+
+    dirs, ids, skipped = set(), [], set()
     for p in paths:
-        m = json.loads(Path(p).read_text())
-        dirs.add(m["mask_dir"])
-        ids += m["ids"]
+        try:
+            m = json.loads(Path(p).read_text())
+            dirs.add(m["mask_dir"])
+            ids += m["ids"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"shard marker {p} is unreadable or incomplete ({type(e).__name__}: {e}); rerun its job") from e
+        skipped.update(m.get("skipped", []))
     if len(dirs) != 1:
         raise ValueError(f"shard markers {list(map(str, paths))} point at different mask folders: {sorted(dirs)}")
-    return Path(dirs.pop()), ids
+    return Path(dirs.pop()), ids, skipped
 
 
 def crf_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
@@ -214,12 +237,13 @@ def crf_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, sha
     ds = open_dataset(cfg)
     resolved = stage_config(cfg, "classifier", "cam", "crf")
     out_dir = masks_dir(Path(marker).parent, resolved)
-    ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     journal = shard_journal(marker, resolved, cam_paths)
     with CamStore(cam_paths) as store:
+        ids = stored_ids(mine, store.skipped)
         stats = crf_masks_shard(ds, store, ids, out_dir, cfg["crf"], progress=progress, workers=threads, journal=journal)
     log.info("CRF shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(marker, kind="crf", ids=ids, mask_dir=out_dir, resolved=resolved)
+    write_shard_marker(marker, kind="crf", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
     journal.finish()
     return Path(marker)
 
@@ -230,9 +254,9 @@ def evaluate_mask_shards(cfg: Mapping[str, Any], markers: Sequence[str], out_csv
     from .refine.crf import evaluate_masks
 
     ds = open_dataset(cfg)
-    mask_dir, _ = read_shard_markers(markers)
+    mask_dir, _, skipped = read_shard_markers_full(markers)
     split = cfg["dataset"]["eval_split"]
-    cm = evaluate_masks(ds, ds.ids(split), mask_dir)
+    cm = evaluate_masks(ds, stored_ids(ds.ids(split), skipped), mask_dir)
     row = {"kind": kind, "split": split, **cm.summary(ds.class_names), "package_version": __version__,
            "mask_dir": str(mask_dir)}
     write_metrics_csv(out_csv, row)
@@ -258,18 +282,20 @@ def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv
     t = chosen_threshold(pd.read_csv(sweep_csv))
     resolved = dict(stage_config(cfg, "classifier", "cam", "seed_eval"), seed_threshold=t)
     out_dir = masks_dir(Path(marker).parent, resolved)
-    ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     out_dir.mkdir(parents=True, exist_ok=True)
     pal = voc_palette()
     journal = shard_journal(marker, resolved, [*cam_paths, sweep_csv])
 
     with CamStore(cam_paths) as store:
+        ids = stored_ids(mine, store.skipped)
+
         def one(image_id: str) -> None:
             rec = store.get(image_id, fields=("keys", "high_res"))
             write_label_png(out_dir / f"{image_id}.png", cam_to_label(rec.high_res, rec.keys, t), pal)
 
         map_images(ids, one, exists=lambda i: (out_dir / f"{i}.png").exists(), journal=journal, desc="seed masks", progress=False)
-    write_shard_marker(marker, kind="seeds", ids=ids, mask_dir=out_dir, resolved=resolved)
+    write_shard_marker(marker, kind="seeds", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
     journal.finish()
     return Path(marker)
 
@@ -287,9 +313,11 @@ def train_deeplab(cfg: Mapping[str, Any], mask_markers: Sequence[str], conf_mark
 
     ds = open_dataset(cfg)
     p = cfg["deeplab"]
-    mask_dir = read_shard_markers(mask_markers)[0] if p["pseudo_masks"] != "gt" else None
+    mask_dir, skipped = None, set()
+    if p["pseudo_masks"] != "gt":
+        mask_dir, _, skipped = read_shard_markers_full(mask_markers)
     conf_dir = read_shard_markers(conf_markers)[0] if (p["use_confidence"] and conf_markers) else None
-    ids = ds.ids(cfg["dataset"]["train_split"])
+    ids = stored_ids(ds.ids(cfg["dataset"]["train_split"]), skipped)
     return train_segmentation(ds, ids, mask_dir, conf_dir, p, model_out, work_dir, threads=threads,
                               resolved_config=deeplab_config(cfg), progress=progress)
 
@@ -340,13 +368,14 @@ def ir_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: st
     ds = open_dataset(cfg)
     resolved = dict(stage_config(cfg, "classifier", "cam"), irn_ir_label=cfg["irn"]["ir_label"])
     out_dir = masks_dir(Path(marker).parent, resolved)
-    ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     journal = shard_journal(marker, resolved, cam_paths)
     with CamStore(cam_paths) as store:
+        ids = stored_ids(mine, store.skipped)
         stats = make_ir_labels(ds, store, ids, out_dir, cfg["irn"]["ir_label"], workers=threads, progress=progress,
                                journal=journal)
     log.info("IR labels shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(marker, kind="ir_labels", ids=ids, mask_dir=out_dir, resolved=resolved)
+    write_shard_marker(marker, kind="ir_labels", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
     journal.finish()
     return Path(marker)
 
@@ -364,9 +393,9 @@ def train_irn_stage(cfg: Mapping[str, Any], label_markers: Sequence[str], classi
     from .refine.irn import train_irn
 
     ds = open_dataset(cfg)
-    label_dir, _ = read_shard_markers(label_markers)
-    ids = ds.ids(cfg["dataset"]["train_split"])
-    infer_ids = ds.ids("train") if "train" in ds.splits() else ids  # IRN: mean shift over infer_list = train
+    label_dir, _, skipped = read_shard_markers_full(label_markers)
+    ids = stored_ids(ds.ids(cfg["dataset"]["train_split"]), skipped)
+    infer_ids = stored_ids(ds.ids("train"), skipped) if "train" in ds.splits() else ids  # IRN: mean shift over infer_list = train
     device, workers = device_and_workers(threads)
     _set_aside_stale_checkpoint(Path(work_dir) / "last.pt", irn_config(cfg))
     return train_irn(ds, ids, label_dir, model_out, work_dir, irn_backbone_source(cfg, classifier_model),
@@ -383,16 +412,18 @@ def irn_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], model_path
     resolved = irn_config(cfg)
     out_dir = masks_dir(Path(marker).parent, resolved)
     conf_dir = masks_dir(Path(conf_marker).parent, resolved) if conf_marker else None
-    ids = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
+    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     device, _ = device_and_workers(threads)
     journal = shard_journal(marker, resolved, [*cam_paths, model_path])
     with CamStore(cam_paths) as store:
+        ids = stored_ids(mine, store.skipped)
         stats = make_irn_masks(ds, store, ids, model_path, out_dir, cfg["irn"]["infer"], conf_dir=conf_dir,
                                device=device, progress=progress, journal=journal)
     log.info("IRN masks shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(marker, kind="irn", ids=ids, mask_dir=out_dir, resolved=resolved)
+    skipped = set(mine) - set(ids)
+    write_shard_marker(marker, kind="irn", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=skipped)
     if conf_marker:
-        write_shard_marker(conf_marker, kind="irn_confidence", ids=ids, mask_dir=conf_dir, resolved=resolved)
+        write_shard_marker(conf_marker, kind="irn_confidence", ids=ids, mask_dir=conf_dir, resolved=resolved, skipped=skipped)
     journal.finish()
     return Path(marker)
 
@@ -406,7 +437,7 @@ def mask_gallery(cfg: Mapping[str, Any], seed_markers: Sequence[str], crf_marker
 
     ds = open_dataset(cfg)
     dirs = [read_shard_markers(m)[0] for m in (seed_markers, crf_markers, irn_markers)]
-    ids = ds.ids(cfg["dataset"]["eval_split"])
+    ids = stored_ids(ds.ids(cfg["dataset"]["eval_split"]), read_shard_markers_full(seed_markers)[2])
     pick = sorted(np.random.default_rng(0).choice(len(ids), size=min(n_images, len(ids)), replace=False))
     rows, captions = [], []
     for i in pick:
