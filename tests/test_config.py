@@ -83,12 +83,146 @@ def test_config_file_errors(tmp_path):
 
 
 def test_runs_per_seed():
-    cfg = validate_config({"seeds": [0, 3], "experiments": {"a": {"classifier": {"method_options": {"p": "x/{seed}/m.pt"}}}}})
+    opts = {"teacher_path": "x/{seed}/m.pt"}  # option names are checked against the method's
+    cfg = validate_config({"seeds": [0, 3], "experiments": {"a": {"classifier": {"method": "smaf", "method_options": opts}}}})
     assert run_names(cfg) == ["a/s0", "a/s3"]
     r = run_config(cfg, "a/s3")
     assert r["classifier"]["seed"] == 3 and r["deeplab"]["seed"] == 3 and r["irn"]["train"]["seed"] == 3
-    assert r["classifier"]["method_options"]["p"] == "x/3/m.pt"
+    assert r["classifier"]["method_options"]["teacher_path"] == "x/3/m.pt"
     with pytest.raises(ConfigError, match="unknown run"):
         run_config(cfg, "a/s1")
     with pytest.raises(ConfigError, match="seeds"):
         validate_config({"seeds": [1, 1]})
+
+
+# -- issue 12: names that reach a registry late, non-finite numbers, inverted ranges -------------
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        # backbones and models (registries), checked before the DAG like classifier.backbone
+        ({"irn": {"train": {"backbone": "resnet5O"}}}, r"config key 'irn.train.backbone': unknown backbone 'resnet5O'; valid: .*resnet50"),
+        ({"irn": {"train": {"backbone": "resnet38", "pretrained": "none"}}}, r"config key 'irn.train.backbone': .*ResNet"),
+        ({"deeplab": {"backbone": "resnet101-os8"}}, r"config key 'deeplab.backbone': unknown backbone 'resnet101-os8'; valid: .*resnet101_os8"),
+        ({"deeplab": {"backbone": "resnet18"}}, r"config key 'deeplab.backbone': .*output-stride-8 .*resnet18_os8"),
+        ({"deeplab": {"model": "deeplabv3plus", "backbone": "resnet38"}}, r"config key 'deeplab.backbone': .*stride-4"),
+        ({"deeplab": {"model": "deeplabv3"}}, r"config key 'deeplab.model': 'deeplabv3' is not one of"),
+        ({"deeplab": {"model_options": {"ratez": [6, 12]}}}, r"config key 'deeplab.model_options': .*ratez"),
+        ({"deeplab": {"crf_params": {"pos_wt": 3}}}, r"config key 'deeplab.crf_params': unknown option\(s\) \['pos_wt'\] of the DeepLab CRF; valid: .*pos_w"),
+        ({"crf": {"mode": "alfa"}}, r"config key 'crf.mode': 'alfa' is not one of"),
+        # backbone options and method options (unknown names used to fail in the training job)
+        ({"classifier": {"backbone": "resnet38"}}, r"config key 'classifier.backbone_options': .*trainable_from 'stage3'"),
+        ({"classifier": {"backbone_options": {"freez_bn": True}}}, r"config key 'classifier.backbone_options': .*freez_bn"),
+        ({"classifier": {"method_options": {"head_lr_mul": 10}}}, r"config key 'classifier.method_options': unknown option\(s\) \['head_lr_mul'\] of method 'cam'; valid: .*head_lr_mult"),
+        ({"classifier": {"method": "cam+islfsl", "method_options": {"islfsl": {"fls": False}}}}, r"config key 'classifier.method_options.islfsl': unknown option\(s\) \['fls'\]"),
+        # pretrained weights: names, their backbones and paths
+        ({"classifier": {"pretrained": "imagnet"}}, r"config key 'classifier.pretrained': 'imagnet' is neither one of none, imagenet, imagenet_v2 nor an existing file"),
+        ({"deeplab": {"pretrained": "imagenet_v2"}}, r"config key 'deeplab.pretrained': .*imagenet_v2.*'resnet18_os8'"),
+        ({"classifier": {"backbone": "resnet38", "backbone_options": {"trainable_from": "b3"}, "pretrained": "imagenet"}}, r"config key 'classifier.pretrained': .*resnet38"),
+        ({"irn": {"train": {"backbone": "resnet18", "pretrained": "classifer"}}}, r"config key 'irn.train.pretrained': 'classifer' is neither one of none, imagenet, imagenet_v2, classifier"),
+        ({"deeplab": {"pretrained": "classifier"}}, r"config key 'deeplab.pretrained': 'classifier' is neither"),
+        ({"irn": {"train": {"backbone": "resnet50", "pretrained": "classifier"}}}, r"config key 'irn.train.backbone': .*'resnet50'.*classifier.backbone 'resnet18'"),
+        # synthetic generator values (not only names)
+        ({"synthetic": {"overrides": {"long_side": [72, 56]}}}, r"config key 'synthetic.overrides': .*long_side"),
+    ],
+)
+def test_late_names_fail_before_the_dag(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_config(raw)
+
+
+def test_valid_names_and_paths_pass(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"")
+    validate_config({"classifier": {"pretrained": str(weights)}, "deeplab": {"pretrained": "imagenet"}})
+    validate_config({"classifier": {"backbone": "resnet50", "pretrained": "imagenet_v2"},
+                     "irn": {"train": {"backbone": "resnet50_os8", "pretrained": "classifier"}},
+                     "deeplab": {"model": "deeplabv3plus", "backbone": "resnet18", "model_options": {"aspp_channels": 32}}})
+    validate_config({"classifier": {"backbone": "resnet38", "backbone_options": {"trainable_from": "b3"}},
+                     "irn": {"train": {"backbone": "resnet18", "pretrained": "none"}}, "deeplab": {"backbone": "resnet38"}})
+    validate_config({"classifier": {"method": "cam+islfsl", "method_options": {"head_lr_mult": 5, "islfsl": {"fsl": False}}}})
+
+
+def test_experiment_overrides_are_checked_before_the_dag():
+    """Every experiment's merged config is checked by validate_config itself (not only by run_config)."""
+    with pytest.raises(ConfigError, match=r"(?s)experiment 'x'.*config key 'deeplab.backbone': unknown backbone 'resnet1O1_os8'"):
+        validate_config({"experiments": {"base": {}, "x": {"deeplab": {"backbone": "resnet1O1_os8"}}}})
+    with pytest.raises(ConfigError, match=r"(?s)experiment 'y'.*config key 'classifier.resize_long'"):
+        validate_config({"experiments": {"y": {"classifier": {"resize_long": [300, 100]}}}})
+    with pytest.raises(ConfigError, match=r"(?s)experiment 'z'.*config key 'irn.train.backbone'"):
+        validate_config({"experiments": {"z": {"classifier": {"backbone": "resnet50"}}}})  # IRN keeps resnet18 from the classifier
+
+
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"classifier": {"lr": float("nan")}}, "classifier.lr"),
+        ({"classifier": {"lr": float("inf")}}, "classifier.lr"),
+        ({"crf": {"alpha": float("-inf")}}, "crf.alpha"),
+        ({"cam": {"scales": [1.0, float("inf")]}}, "cam.scales.1"),
+        ({"deeplab": {"bound_th": float("nan")}}, "deeplab.bound_th"),
+        ({"classifier": {"method_options": {"head_lr_mult": float("nan")}}}, "classifier.method_options.head_lr_mult"),
+        ({"irn": {"infer": {"beta": float("inf")}}}, "irn.infer.beta"),
+        ({"experiments": {"a": {"deeplab": {"lr": float("nan")}}}}, "experiments.a.deeplab.lr"),
+        ({"classifier": {"epochs": float("nan")}}, "classifier.epochs"),
+        ({"download": {"timeout": float("inf")}}, "download.timeout"),
+    ],
+)
+def test_non_finite_numbers_are_refused(raw, key):
+    with pytest.raises(ConfigError, match=rf"config key '{key}': (nan|inf|-inf) is not a finite number"):
+        validate_config(raw, extra_checks=False)
+
+
+def test_non_finite_from_yaml(tmp_path):
+    (tmp_path / "c.yaml").write_text("classifier:\n  lr: .nan\ncam:\n  scales: [1.0, .inf]\n")
+    with pytest.raises(ConfigError, match=r"(?s)config key 'cam.scales.1': inf.*config key 'classifier.lr': nan"):
+        load_config_file(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"classifier": {"resize_long": [200, 10]}}, r"config key 'classifier.resize_long': \[200, 10\] is not a range \[min, max\] with min <= max"),
+        ({"classifier": {"resize_long": [0, 10]}}, r"config key 'classifier.resize_long.0'"),
+        ({"deeplab": {"scale_range": [0.9, 0.5]}}, r"config key 'deeplab.scale_range': \[0.9, 0.5\] is not a range"),
+        ({"deeplab": {"scale_range": [0.5, 1.5]}}, r"config key 'deeplab.scale_range': .*area fraction.*<= 1"),
+        ({"deeplab": {"ratio_range": [1.3, 0.75]}}, r"config key 'deeplab.ratio_range': \[1.3, 0.75\] is not a range"),
+        ({"deeplab": {"ratio_range": [-1.0, 0.75]}}, r"config key 'deeplab.ratio_range.0'"),
+        ({"deeplab": {"test_size": [0, 512]}}, r"config key 'deeplab.test_size.0'"),
+        ({"classifier": {"color_jitter": [0.4, 0.4, 0.4, 0.6]}}, r"config key 'classifier.color_jitter': .*hue.*0.5"),
+        ({"classifier": {"color_jitter": [0.4, -0.4, 0.4, 0.1]}}, r"config key 'classifier.color_jitter.1'"),
+        ({"seed_eval": {"thresholds": [0.1, 0.2, 0.1]}}, r"config key 'seed_eval.thresholds'"),
+        ({"seed_eval": {"thresholds": [0.1, 1.2]}}, r"config key 'seed_eval.thresholds.1'"),
+        ({"irn": {"train": {"rescale": [1.5, 0.5]}}}, r"config key 'irn.train': .*rescale"),
+        ({"irn": {"ir_label": {"fg_thresh": 0.05, "bg_thresh": 0.3}}}, r"config key 'irn.ir_label': .*bg_thresh"),
+    ],
+)
+def test_inverted_or_invalid_ranges_are_refused(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_config(raw)
+
+
+def test_example_configs_validate():
+    """config.yaml, configs/*.yaml and tests/configs/*.yaml (with every experiment and run) pass."""
+    files = [REPO / "config.yaml", *sorted((REPO / "configs").glob("*.yaml")), *sorted((REPO / "tests" / "configs").glob("*.yaml"))]
+    assert len(files) >= 5
+    for f in files:
+        cfg = load_config_file(f)
+        for run in run_names(cfg):
+            run_config(cfg, run)
+
+
+def test_schema_enums_match_the_code():
+    """Names the schema lists as an enum are the ones the stages accept (so the schema cannot drift)."""
+    from wsss.refine import crf
+    from wsss.seg import params as seg_params
+    from wsss.seg.models import list_seg_models
+
+    props = yaml.safe_load((REPO / "wsss" / "schemas" / "config.schema.yaml").read_text())["properties"]
+    assert sorted(props["crf"]["properties"]["mode"]["enum"]) == sorted(crf.MODES)
+    dl = props["deeplab"]["properties"]
+    assert sorted(dl["model"]["enum"]) == list_seg_models()
+    for key, names in [("pseudo_masks", seg_params.PSEUDO_MASK_SOURCES), ("ce_normalisation", seg_params.CE_NORMALISATIONS),
+                       ("fusion", seg_params.FUSIONS), ("crf_image", seg_params.CRF_IMAGES), ("augment", seg_params.AUGMENTS)]:
+        assert sorted(dl[key]["enum"]) == sorted(names), key

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
+import inspect
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
@@ -25,6 +28,12 @@ class ConfigError(ValueError):
 
 def load_schema() -> Dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    # the defaulting validator deep-copies defaults into the instance, so the schema is never mutated
+    return _DefaultingValidator(load_schema())
 
 
 def _extend_with_default(validator_class):
@@ -65,22 +74,68 @@ def _format_error(err) -> str:
 def validate_config(config: Mapping[str, Any], extra_checks: bool = True) -> Dict[str, Any]:
     """Validate ``config`` against the schema and return a deep copy with every default filled in.
 
-    Raises :class:`ConfigError` listing every problem, each naming its key.
+    Raises :class:`ConfigError` listing every problem, each naming its key: schema errors, NaN or
+    infinite numbers anywhere in the config, and inverted ``[min, max]`` ranges. ``extra_checks``
+    adds the checks the schema cannot express (names that live in registries, option names,
+    pretrained weights, and the merged config of every experiment).
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"the config must be a mapping, got {type(config).__name__}")
     cfg = copy.deepcopy(dict(config))
-    validator = _DefaultingValidator(load_schema())
-    errors = sorted(validator.iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_format_error(e) for e in errors))
+    problems = [(_key_path(path), f"config key '{_key_path(path)}': {v!r} is not a finite number (NaN and infinities are not allowed)")
+                for path, v in _non_finite(cfg, [])]
+    errors = sorted(_validator().iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
+    problems += [(_key_path(e.absolute_path), _format_error(e)) for e in errors]
+    if not errors:
+        problems += _range_problems(cfg)
+    if problems:
+        problems.sort(key=lambda p: p[0])
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(msg for _, msg in problems))
     if extra_checks:
         _check_names(cfg)
     return cfg
 
 
+def _non_finite(value: Any, path: List[Any]) -> Iterable[tuple]:
+    """``(path, value)`` of every NaN or infinite float in ``value`` (YAML ``.nan``/``.inf``,
+    ``--config key=nan``): JSON schema's ``type: number`` and its bounds let them through."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from _non_finite(v, path + [k])
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _non_finite(v, path + [i])
+
+
+#: Two-element ``[min, max]`` ranges of the schema (lower bounds of the items are in the schema).
+RANGE_KEYS = (("classifier", "resize_long"), ("deeplab", "scale_range"), ("deeplab", "ratio_range"))
+
+
+def _range_problems(cfg: Mapping[str, Any]) -> List[tuple]:
+    """Inverted ranges and value relations the schema cannot express (the config is schema-valid)."""
+    out = []
+
+    def bad(key: str, msg: str) -> None:
+        out.append((key, f"config key '{key}': {msg}"))
+
+    for sec, name in RANGE_KEYS:
+        lo, hi = cfg[sec][name]
+        if lo > hi:
+            bad(f"{sec}.{name}", f"{cfg[sec][name]!r} is not a range [min, max] with min <= max")
+    d = cfg["deeplab"]
+    if d["augment"] == "resized_crop" and d["scale_range"][1] > 1:
+        bad("deeplab.scale_range", f"{d['scale_range']!r}: with augment 'resized_crop' it is an area fraction, so max must be <= 1")
+    cj = cfg["classifier"]["color_jitter"]
+    if cj is not None and cj[3] > 0.5:
+        bad("classifier.color_jitter", f"{cj!r}: the hue strength (4th value) must be <= 0.5")
+    return out
+
+
 def _check_names(cfg: Dict[str, Any]) -> None:
-    """Checks the schema cannot express (names that live in registries, generator parameters)."""
+    """Checks the schema cannot express (names that live in registries, option names, pretrained
+    weights, generator parameters), then the merged config of every experiment."""
     from .data import synthetic
     from .methods.base import list_methods
     from .models import list_backbones
@@ -118,6 +173,180 @@ def _check_names(cfg: Dict[str, Any]) -> None:
             f"config key 'synthetic.overrides': unknown generator parameter(s) {unknown}; "
             f"valid: {sorted(synthetic.PRESETS[cfg['synthetic']['preset']])}"
         )
+    try:
+        synthetic.resolve_params(cfg["synthetic"]["preset"], **cfg["synthetic"]["overrides"])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'synthetic.overrides': {e}") from None
+
+    _check_classifier(cfg["classifier"])
+    _check_irn_backbone(cfg["irn"]["train"], cfg["classifier"])
+    _check_deeplab(cfg["deeplab"])
+
+    # every experiment's merged config (the Snakefile builds each run's config before the DAG too;
+    # this makes validate_config alone enough). Merged configs list only their own experiment.
+    for name, overrides in cfg["experiments"].items():
+        if overrides:
+            experiment_config(cfg, name)
+
+
+# --------------------------------------------------------------------------------------------
+# registry names, option names and pretrained weights (checked on the base sections; experiments
+# through their merged config)
+
+#: Pretrained-weight names every backbone section accepts besides a path to a state_dict file.
+PRETRAINED_NAMES = ("none", "imagenet", "imagenet_v2")
+
+
+def _option_names(fn, skip: Iterable[str]) -> Optional[List[str]]:
+    """Keyword names ``fn`` accepts (minus ``skip``); ``None`` when it takes ``**kwargs``."""
+    params = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return sorted(p.name for p in params if p.name not in set(skip) and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+
+
+def _check_option_names(key: str, options: Mapping[str, Any], valid: Optional[List[str]], what: str = "") -> None:
+    if valid is None:
+        return
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"config key '{key}': unknown option(s) {unknown}{what}; valid: {', '.join(valid)}")
+
+
+def _cache_key(options: Mapping[str, Any]) -> str:
+    return json.dumps(options, sort_keys=True, default=repr)
+
+
+def _meta_build(build):
+    """Run ``build()`` on PyTorch's meta device (no memory, no weights): the constructor's own
+    checks of names, options and shapes run, nothing is computed."""
+    import torch
+
+    with torch.device("meta"):
+        return build()
+
+
+@functools.lru_cache(maxsize=64)
+def _backbone_summary(name: str, options_json: str) -> Dict[str, Any]:
+    """Type, taps and parameter shapes of backbone ``name`` built with ``options`` (cached)."""
+    from .models.backbones import BACKBONES, ResNet
+
+    kwargs = json.loads(options_json)
+    if "trainable_from" in kwargs and kwargs["trainable_from"] is None:
+        kwargs["trainable_from"] = "all"  # as build_backbone
+    bb = _meta_build(lambda: BACKBONES.build(name, **kwargs))
+    return {"resnet": isinstance(bb, ResNet), "tap_strides": dict(bb.tap_strides), "output_stride": bb.output_stride,
+            "shapes": {k: tuple(v.shape) for k, v in bb.state_dict().items()}}
+
+
+def _check_pretrained(key: str, spec: Any, backbone: str, also: tuple = ()) -> None:
+    """``spec`` is ``none``, an ImageNet weights name that exists for ``backbone``, one of ``also``,
+    or an existing file (a typo such as 'imagnet' used to fail in the job as a missing path)."""
+    if spec == "none" or spec in also:
+        return
+    from .models import weights
+
+    if spec in weights._IMAGENET_SPECS:
+        base = backbone[: -len("_os8")] if backbone.endswith("_os8") else backbone
+        if base not in weights._TORCHVISION_WEIGHTS:
+            raise ConfigError(
+                f"config key '{key}': no downloadable ImageNet weights for backbone {backbone!r} (torchvision weights exist "
+                f"for {', '.join(sorted(weights._TORCHVISION_WEIGHTS))}; resnet38: docs/resnet38_weights.md); "
+                "use 'none' or the path of a state_dict file"
+            )
+        import torchvision.models
+
+        enum_cls = getattr(torchvision.models, weights._TORCHVISION_WEIGHTS[base])
+        tag = weights._IMAGENET_SPECS[spec]
+        if tag not in enum_cls.__members__:
+            have = ", ".join(n for n, t in weights._IMAGENET_SPECS.items() if t in enum_cls.__members__)
+            raise ConfigError(f"config key '{key}': torchvision has no {spec} ({tag}) weights for backbone {backbone!r}; valid: {have}")
+        return
+    if not isinstance(spec, str) or not Path(spec).expanduser().is_file():
+        valid = ", ".join(PRETRAINED_NAMES + tuple(also))
+        raise ConfigError(f"config key '{key}': {spec!r} is neither one of {valid} nor an existing file (a state_dict)")
+
+
+def _check_classifier(c: Mapping[str, Any]) -> None:
+    from .methods.base import ISLFSL_SUFFIX, METHODS, _load_builtin_methods
+
+    _load_builtin_methods()
+    opts = dict(c["method_options"])
+    base = c["method"][: -len(ISLFSL_SUFFIX)] if c["method"].endswith(ISLFSL_SUFFIX) else c["method"]
+    if c["method"].endswith(ISLFSL_SUFFIX):
+        from .methods.islfsl import ISLFSL
+
+        isl = opts.pop("islfsl", None) or {}
+        if not isinstance(isl, Mapping):
+            raise ConfigError(f"config key 'classifier.method_options.islfsl': expected a mapping of ISL/FSL options, got {isl!r}")
+        _check_option_names("classifier.method_options.islfsl", isl, _option_names(ISLFSL.__init__, ("self", "base")), " of the ISL/FSL add-on")
+    _check_option_names("classifier.method_options", opts, _option_names(METHODS.get(base), ("num_classes", "backbone")), f" of method {base!r}")
+
+    try:
+        _backbone_summary(c["backbone"], _cache_key(c["backbone_options"]))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'classifier.backbone_options': {e} (backbone {c['backbone']!r})") from None
+    _check_pretrained("classifier.pretrained", c["pretrained"], c["backbone"])
+
+
+def _check_irn_backbone(train: Mapping[str, Any], classifier: Mapping[str, Any]) -> None:
+    from .models import list_backbones
+
+    name = train.get("backbone", "resnet50")
+    if name not in list_backbones():
+        raise ConfigError(f"config key 'irn.train.backbone': unknown backbone {name!r}; valid: {', '.join(list_backbones())}")
+    summary = _backbone_summary(name, "{}")
+    st = summary["tap_strides"]
+    if not summary["resnet"] or st.get("stage1") != 4 or st.get("stage2") != 8:
+        valid = [b for b in list_backbones() if _backbone_summary(b, "{}")["resnet"]]
+        raise ConfigError(f"config key 'irn.train.backbone': IRN needs a ResNet backbone, got {name!r}; valid: {', '.join(valid)}")
+    pretrained = train.get("pretrained", "imagenet")
+    _check_pretrained("irn.train.pretrained", pretrained, name, also=("classifier",))
+    if pretrained == "classifier":
+        # the workflow loads the classifier's trained backbone into the IRN backbone
+        own = summary["shapes"]
+        src = _backbone_summary(classifier["backbone"], "{}")["shapes"]
+        common = set(own) & set(src)
+        misfit = sorted(k for k in common if own[k] != src[k])
+        if not common or misfit:
+            why = f"{len(misfit)} tensors differ in shape (e.g. {misfit[0]})" if misfit else "no parameter names match"
+            raise ConfigError(
+                f"config key 'irn.train.backbone': {name!r} cannot start from classifier.backbone {classifier['backbone']!r} "
+                f"(irn.train.pretrained: classifier): {why}; use the classifier's backbone family or another irn.train.pretrained"
+            )
+
+
+def _check_deeplab(d: Mapping[str, Any]) -> None:
+    from .models import list_backbones
+    from .seg.models import list_seg_models
+
+    if d["model"] not in list_seg_models():
+        raise ConfigError(f"config key 'deeplab.model': unknown model {d['model']!r}; valid: {', '.join(list_seg_models())}")
+    if d["backbone"] not in list_backbones():
+        raise ConfigError(f"config key 'deeplab.backbone': unknown backbone {d['backbone']!r}; valid: {', '.join(list_backbones())}")
+    problem = _seg_model_problem(d["model"], d["backbone"], d["freeze_bn"], _cache_key(d["model_options"]))
+    if problem:
+        if _seg_model_problem(d["model"], d["backbone"], d["freeze_bn"], "{}"):
+            raise ConfigError(f"config key 'deeplab.backbone': {problem}")
+        raise ConfigError(f"config key 'deeplab.model_options': {problem}")
+    _check_pretrained("deeplab.pretrained", d["pretrained"], d["backbone"])
+
+    from .refine.crf import deeplab_crf
+
+    _check_option_names("deeplab.crf_params", d["crf_params"], _option_names(deeplab_crf, ("img", "probs")), " of the DeepLab CRF")
+
+
+@functools.lru_cache(maxsize=64)
+def _seg_model_problem(model: str, backbone: str, freeze_bn: bool, options_json: str) -> Optional[str]:
+    """Why the segmentation model cannot be built (on the meta device), or ``None``."""
+    from .seg.models import SEG_MODELS
+
+    options = json.loads(options_json)
+    try:
+        _meta_build(lambda: SEG_MODELS.build(model, num_classes=2, backbone=backbone, pretrained="none", freeze_bn=freeze_bn, **options))
+    except (TypeError, ValueError, KeyError) as e:
+        return f"{model} with backbone {backbone!r}: {e.args[0] if e.args else e}"
+    return None
 
 
 def config_hash(cfg: Mapping[str, Any]) -> str:
