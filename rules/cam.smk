@@ -12,7 +12,7 @@ rule cam_shard:
     output:
         shard=f"{RESULTS}/{{experiment}}/cams/shard-{{scatteritem}}.h5",
     params:
-        cfg=cam_params,
+        cfg=stage_params("cam"),
     log:
         f"{LOGS}/{{experiment}}/cam_shard-{{scatteritem}}.log",
     benchmark:
@@ -45,7 +45,7 @@ rule seed_eval:
             caption="../report/seed_gallery.rst",
         ),
     params:
-        cfg=seed_eval_params,
+        cfg=stage_params("seed_eval"),
     log:
         f"{LOGS}/{{experiment}}/seed_eval.log",
     threads: 1

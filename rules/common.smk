@@ -19,6 +19,7 @@ from wsss.config import (
     validate_config,
 )
 from wsss.workflow import paths as wpaths
+from wsss.workflow import stages as wstages
 
 try:
     CFG = validate_config(config)
@@ -37,6 +38,7 @@ EXPERIMENTS = run_names(CFG)
 wildcard_constraints:
     experiment="|".join(re.escape(e) for e in EXPERIMENTS),
     scatteritem=r"\d+-of-\d+",
+    masks="|".join(re.escape(m) for m in ("crf", "irn/ir_labels", "irn/masks")),
 
 
 def dataset_ready():
@@ -44,9 +46,16 @@ def dataset_ready():
     return wpaths.dataset_markers(CFG)
 
 
-# Params are the config subset a stage depends on, so a change elsewhere does not rerun it.
-def classifier_params(wildcards):
-    return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier")
+# Params are exactly the config keys a stage's own code reads (wsss.workflow.stages): upstream
+# changes reach a job through its input files, so a change elsewhere does not rerun it, and
+# scatter counts (`shards`) are never params.
+def stage_params(stage):
+    """A params function: the ``stage`` config of the job's experiment."""
+
+    def params(wildcards):
+        return wstages.stage_params(EXPERIMENT_CFG[wildcards.experiment], stage)
+
+    return params
 
 
 def classifier_inputs(wildcards):
@@ -54,33 +63,18 @@ def classifier_inputs(wildcards):
     return wsss_pipeline.classifier_inputs(EXPERIMENT_CFG[wildcards.experiment])
 
 
-def cam_params(wildcards):
-    return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier", "cam")
+#: mask folder under a run -> (kind recorded in metrics.csv, scatter name of its shards)
+MASK_KINDS = {"crf": ("crf", "crf"), "irn/ir_labels": ("ir_labels", "irn"), "irn/masks": ("irn", "irn")}
 
 
-def seed_eval_params(wildcards):
-    return stage_config(EXPERIMENT_CFG[wildcards.experiment], "seed_eval")
-
-
-def crf_params(wildcards):
-    return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier", "cam", "crf")
-
-
-def irn_params(wildcards):
-    return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier", "cam", "irn")
-
-
-def deeplab_params(wildcards):
-    return wsss_pipeline.deeplab_config(EXPERIMENT_CFG[wildcards.experiment])
+def mask_markers(wildcards):
+    """Shard markers of the mask folder ``wildcards.masks`` (rule eval_masks)."""
+    return _shard_markers(wildcards.masks, MASK_KINDS[wildcards.masks][1], wildcards)
 
 
 def _shard_markers(folder, scatter_name, wildcards):
     n = CFG[scatter_name]["shards"] if scatter_name != "seeds" else CFG["cam"]["shards"]
     return [f"{RESULTS}/{wildcards.experiment}/{folder}/shard-{i}-of-{n}.json" for i in range(1, n + 1)]
-
-
-def seed_mask_params(wildcards):
-    return stage_config(EXPERIMENT_CFG[wildcards.experiment], "classifier", "cam", "seed_eval")
 
 
 def seed_mask_markers(wildcards):

@@ -13,7 +13,7 @@ rule seed_masks_shard:
     output:
         marker=f"{RESULTS}/{{experiment}}/seeds/masks/shard-{{scatteritem}}.json",
     params:
-        cfg=seed_mask_params,
+        cfg=stage_params("seed_masks"),
     log:
         f"{LOGS}/{{experiment}}/seed_masks_shard-{{scatteritem}}.log",
     threads: 1
@@ -39,7 +39,7 @@ rule train_deeplab:
             caption="../report/train_log.rst",
         ),
     params:
-        cfg=deeplab_params,
+        cfg=stage_params("deeplab_train"),
         work_dir=f"{RESULTS}/{{experiment}}/deeplab/work",
     log:
         f"{LOGS}/{{experiment}}/train_deeplab.log",
@@ -62,7 +62,7 @@ rule deeplab_predict_shard:
     output:
         marker=f"{RESULTS}/{{experiment}}/deeplab/predictions/shard-{{scatteritem}}.json",
     params:
-        cfg=deeplab_params,
+        cfg=stage_params("deeplab_predict"),
     log:
         f"{LOGS}/{{experiment}}/deeplab_predict_shard-{{scatteritem}}.log",
     benchmark:
@@ -96,7 +96,7 @@ rule eval_deeplab:
             caption="../report/deeplab_gallery.rst",
         ),
     params:
-        cfg=deeplab_params,
+        cfg=stage_params("deeplab_eval"),
     log:
         f"{LOGS}/{{experiment}}/eval_deeplab.log",
     threads: 1

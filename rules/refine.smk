@@ -1,6 +1,7 @@
 # Stages 4-5: CRF post-processing of CAM seeds and IRN affinity refinement into pseudo-masks.
 # Mask-producing jobs are sharded; each shard's tracked output is a JSON marker naming its masks
-# folder (masks-<config hash>/ beside it), so an interrupted shard resumes and settings never mix.
+# folder (masks-<config hash>/ beside it); a journal beside the marker lets an interrupted shard
+# resume only what it wrote itself (wsss.workflow.journal).
 
 
 scattergather:
@@ -13,7 +14,7 @@ rule crf_shard:
     output:
         marker=f"{RESULTS}/{{experiment}}/crf/shard-{{scatteritem}}.json",
     params:
-        cfg=crf_params,
+        cfg=stage_params("crf"),
     log:
         f"{LOGS}/{{experiment}}/crf_shard-{{scatteritem}}.log",
     benchmark:
@@ -28,32 +29,6 @@ rule crf_shard:
         "scripts/crf_shard.py"
 
 
-rule eval_crf:
-    input:
-        markers=gather.crf(f"{RESULTS}/{{{{experiment}}}}/crf/shard-{{scatteritem}}.json"),
-    output:
-        metrics=report(
-            f"{RESULTS}/{{experiment}}/crf/metrics.csv",
-            category="Pseudo-masks",
-            subcategory="{experiment}",
-            caption="../report/crf_metrics.rst",
-        ),
-        per_class=f"{RESULTS}/{{experiment}}/crf/per_class.csv",
-    params:
-        cfg=crf_params,
-        kind="crf",
-    log:
-        f"{LOGS}/{{experiment}}/eval_crf.log",
-    threads: 1
-    resources:
-        mem_mb=res.mem_mb(2000),
-        runtime=res.runtime(60),
-    conda:
-        "../envs/data.yaml"
-    script:
-        "scripts/eval_masks.py"
-
-
 scattergather:
     irn=CFG["irn"]["shards"],
 
@@ -64,7 +39,7 @@ rule ir_labels_shard:
     output:
         marker=f"{RESULTS}/{{experiment}}/irn/ir_labels/shard-{{scatteritem}}.json",
     params:
-        cfg=irn_params,
+        cfg=stage_params("ir_labels"),
     log:
         f"{LOGS}/{{experiment}}/ir_labels_shard-{{scatteritem}}.log",
     benchmark:
@@ -86,7 +61,7 @@ rule train_irn:
     output:
         model=f"{RESULTS}/{{experiment}}/irn/model.pt",
     params:
-        cfg=irn_params,
+        cfg=stage_params("irn_train"),
         work_dir=f"{RESULTS}/{{experiment}}/irn/work",
     log:
         f"{LOGS}/{{experiment}}/train_irn.log",
@@ -111,7 +86,7 @@ rule irn_masks_shard:
         marker=f"{RESULTS}/{{experiment}}/irn/masks/shard-{{scatteritem}}.json",
         conf_marker=f"{RESULTS}/{{experiment}}/irn/confidence/shard-{{scatteritem}}.json",
     params:
-        cfg=irn_params,
+        cfg=stage_params("irn_infer"),
     log:
         f"{LOGS}/{{experiment}}/irn_masks_shard-{{scatteritem}}.log",
     benchmark:
@@ -127,48 +102,24 @@ rule irn_masks_shard:
         "scripts/irn_masks_shard.py"
 
 
-rule eval_ir_labels:
+# Evaluation of a folder of masks (CRF, IR labels, IRN pseudo-masks) on the evaluation split: one
+# rule, the mask kind is the `masks` wildcard (its folder under the run).
+rule eval_masks:
     input:
-        markers=gather.irn(f"{RESULTS}/{{{{experiment}}}}/irn/ir_labels/shard-{{scatteritem}}.json"),
+        markers=mask_markers,
     output:
         metrics=report(
-            f"{RESULTS}/{{experiment}}/irn/ir_labels/metrics.csv",
+            f"{RESULTS}/{{experiment}}/{{masks}}/metrics.csv",
             category="Pseudo-masks",
             subcategory="{experiment}",
             caption="../report/crf_metrics.rst",
         ),
-        per_class=f"{RESULTS}/{{experiment}}/irn/ir_labels/per_class.csv",
+        per_class=f"{RESULTS}/{{experiment}}/{{masks}}/per_class.csv",
     params:
-        cfg=irn_params,
-        kind="ir_labels",
+        cfg=stage_params("eval_masks"),
+        kind=lambda wildcards: MASK_KINDS[wildcards.masks][0],
     log:
-        f"{LOGS}/{{experiment}}/eval_ir_labels.log",
-    threads: 1
-    resources:
-        mem_mb=res.mem_mb(2000),
-        runtime=res.runtime(60),
-    conda:
-        "../envs/data.yaml"
-    script:
-        "scripts/eval_masks.py"
-
-
-rule eval_irn:
-    input:
-        markers=gather.irn(f"{RESULTS}/{{{{experiment}}}}/irn/masks/shard-{{scatteritem}}.json"),
-    output:
-        metrics=report(
-            f"{RESULTS}/{{experiment}}/irn/masks/metrics.csv",
-            category="Pseudo-masks",
-            subcategory="{experiment}",
-            caption="../report/crf_metrics.rst",
-        ),
-        per_class=f"{RESULTS}/{{experiment}}/irn/masks/per_class.csv",
-    params:
-        cfg=irn_params,
-        kind="irn",
-    log:
-        f"{LOGS}/{{experiment}}/eval_irn.log",
+        f"{LOGS}/{{experiment}}/eval_masks/{{masks}}.log",
     threads: 1
     resources:
         mem_mb=res.mem_mb(2000),

@@ -38,7 +38,7 @@ rule mask_gallery:
             caption="../report/mask_gallery.rst",
         ),
     params:
-        cfg=irn_params,
+        cfg=stage_params("eval_masks"),
     log:
         f"{LOGS}/{{experiment}}/mask_gallery.log",
     threads: 1

@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import torch
 
 from . import __version__
-from .config import config_hash, stage_config
+from .config import config_hash
 from .data import open_dataset, split_union
 from .data.base import read_labels_csv
 from .data.classification import ClassificationTrainSet, select_labelled
@@ -21,6 +21,7 @@ from .engine import load_model_state, train, train_config_from
 from .io import copy_atomic
 from .methods.base import Method, build_method
 from .models import build_backbone
+from .workflow.stages import stage_params
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def classifier_inputs(cfg: Mapping[str, Any]) -> list:
 
 
 def classifier_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    return stage_config(cfg, "classifier")
+    return stage_params(cfg, "classifier")
 
 
 def train_classifier(cfg: Mapping[str, Any], labels_csv: str, model_out: str, work_dir: str, threads: int = 1, progress: bool = True,
@@ -129,7 +130,7 @@ def infer_cam_shard(cfg: Mapping[str, Any], model_path: str, labels_csv: str, ou
     c = cfg["cam"]
     return infer_cams(
         method, ds, ids, labels, Path(out_path), scales=c["scales"], flip=c["flip"], normalisation=c["normalisation"],
-        resolved_config=stage_config(cfg, "classifier", "cam"), shard_index=shard_index, num_shards=num_shards,
+        resolved_config=stage_params(cfg, "cam"), shard_index=shard_index, num_shards=num_shards,
         device=device, num_workers=workers, progress=progress, skipped=skipped,
     )
 
@@ -235,7 +236,7 @@ def crf_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, sha
     from .refine.crf import crf_masks_shard
 
     ds = open_dataset(cfg)
-    resolved = stage_config(cfg, "classifier", "cam", "crf")
+    resolved = stage_params(cfg, "crf")
     out_dir = masks_dir(Path(marker).parent, resolved)
     mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     journal = shard_journal(marker, resolved, cam_paths)
@@ -280,7 +281,7 @@ def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv
 
     ds = open_dataset(cfg)
     t = chosen_threshold(pd.read_csv(sweep_csv))
-    resolved = dict(stage_config(cfg, "classifier", "cam", "seed_eval"), seed_threshold=t)
+    resolved = dict(stage_params(cfg, "seed_masks"), seed_threshold=t)
     out_dir = masks_dir(Path(marker).parent, resolved)
     mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,11 +302,9 @@ def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv
 
 
 def deeplab_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    """What the DeepLab stage depends on: its own section, plus the upstream stages that made the
-    pseudo-masks it trains on (none when it trains on the ground truth)."""
-    upstream = {"seeds": ("classifier", "cam", "seed_eval"), "crf": ("classifier", "cam", "crf"),
-                "irn": ("classifier", "cam", "irn"), "gt": ()}[cfg["deeplab"]["pseudo_masks"]]
-    return stage_config(cfg, *upstream, "deeplab")
+    """What DeepLab *training* depends on (:func:`wsss.workflow.stages.stage_params`,
+    ``deeplab_train``); the pseudo-masks it trains on are input files."""
+    return stage_params(cfg, "deeplab_train")
 
 
 def train_deeplab(cfg: Mapping[str, Any], mask_markers: Sequence[str], conf_markers: Sequence[str], model_out: str, work_dir: str, threads: int = 1, progress: bool = True) -> Path:
@@ -326,7 +325,7 @@ def deeplab_predict_shard(cfg: Mapping[str, Any], model_path: str, marker: str, 
     from .seg.stages import predict_shard
 
     ds = open_dataset(cfg)
-    resolved = deeplab_config(cfg)
+    resolved = stage_params(cfg, "deeplab_predict")
     out_dir = masks_dir(Path(marker).parent, resolved)
     ids = ds.ids(cfg["dataset"]["eval_split"])
     journal = shard_journal(marker, resolved, [model_path])
@@ -346,7 +345,7 @@ def evaluate_deeplab(cfg: Mapping[str, Any], markers: Sequence[str], metrics_csv
     pred_dir, _ = read_shard_markers(markers)
     split = cfg["dataset"]["eval_split"]
     return evaluate_predictions(
-        ds, ds.ids(split), pred_dir, metrics_csv, per_class_csv, resolved_config=deeplab_config(cfg), split=split,
+        ds, ds.ids(split), pred_dir, metrics_csv, per_class_csv, resolved_config=stage_params(cfg, "deeplab_eval"), split=split,
         gallery_png=gallery_png, gallery_images=cfg["deeplab"]["gallery_images"], bound_th=cfg["deeplab"]["bound_th"],
         extra={"pseudo_masks": cfg["deeplab"]["pseudo_masks"]}, progress=progress,
     )
@@ -357,7 +356,8 @@ def evaluate_deeplab(cfg: Mapping[str, Any], markers: Sequence[str], metrics_csv
 
 
 def irn_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
-    return stage_config(cfg, "classifier", "cam", "irn")
+    """What IRN *training* depends on (``irn_train``); its IR labels are input files."""
+    return stage_params(cfg, "irn_train")
 
 
 def ir_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
@@ -366,7 +366,7 @@ def ir_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: st
     from .refine.irn import make_ir_labels
 
     ds = open_dataset(cfg)
-    resolved = dict(stage_config(cfg, "classifier", "cam"), irn_ir_label=cfg["irn"]["ir_label"])
+    resolved = stage_params(cfg, "ir_labels")
     out_dir = masks_dir(Path(marker).parent, resolved)
     mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     journal = shard_journal(marker, resolved, cam_paths)
@@ -409,7 +409,7 @@ def irn_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], model_path
     from .refine.irn import make_irn_masks
 
     ds = open_dataset(cfg)
-    resolved = irn_config(cfg)
+    resolved = stage_params(cfg, "irn_infer")
     out_dir = masks_dir(Path(marker).parent, resolved)
     conf_dir = masks_dir(Path(conf_marker).parent, resolved) if conf_marker else None
     mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
