@@ -106,7 +106,7 @@ def test_forced_rerun_after_a_model_change_rewrites_predictions(tiny_run):
     from wsss.pipeline import read_shard_markers
 
     run = tiny_run / RUN
-    markers = sorted((run / "deeplab").glob("shard-*.json"))
+    markers = sorted((run / "deeplab" / "predictions").glob("shard-*.json"))
     pred_dir, ids = read_shard_markers(markers)
     pred_dir = tiny_run / pred_dir if not pred_dir.is_absolute() else pred_dir
     before = {i: read_label_png(pred_dir / f"{i}.png") for i in ids}
@@ -187,3 +187,47 @@ def test_unlabelled_images_are_skipped_by_every_stage_on_coco(tmp_path):
         assert sorted(p.stem for p in mask_dir.glob("*.png")) == ["42", "9"]
         row = evaluate_mask_shards(cfg, [str(marker)], str(marker.parent / "m.csv"), str(marker.parent / "pc.csv"), kind="crf")
         assert 0 <= row["miou"] <= 1
+
+
+@pytest.mark.slow
+def test_damaged_cam_shard_names_file_and_image(tiny_run):
+    """A flipped byte inside one image's CAM chunk: the next stage that reads it fails naming the
+    shard file and the image (Fletcher-32), instead of a bare h5py error or silently wrong maps."""
+    import h5py
+
+    shard = tiny_run / RUN / "cams" / "shard-2-of-2.h5"
+    original = shard.read_bytes()
+    with h5py.File(shard, "r") as f:
+        image_id = sorted(f.keys())[0]
+        ds = f[image_id]["high_res"]
+        offset = ds.id.get_chunk_info(0).byte_offset
+    data = bytearray(original)
+    data[offset + 10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    try:
+        proc = _snakemake(tiny_run, "-R", "seed_eval", f"{RUN}/seeds/threshold_sweep.csv", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "shard-2-of-2.h5" in out and image_id in out and "DataError" in out, out[-3000:]
+    finally:
+        shard.write_bytes(original)
+
+
+@pytest.mark.slow
+def test_nan_label_stops_training_naming_file_row_and_column(tiny_run):
+    """A NaN in labels.csv (it used to become a *present* class) stops the first job that reads it."""
+    labels = tiny_run / "results" / "synthetic-tiny" / "labels.csv"
+    lines = labels.read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[3].split(",")
+    row[2] = "nan"
+    lines[3] = ",".join(row)
+    original = labels.read_bytes()
+    labels.write_text("\n".join(lines) + "\n")
+    try:
+        proc = _snakemake(tiny_run, f"{RUN}/deeplab/metrics.csv", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "labels.csv" in out and "line 4" in out and repr(header[2]) in out and "0 or 1" in out, out[-3000:]
+    finally:
+        labels.write_bytes(original)

@@ -271,8 +271,6 @@ def evaluate_mask_shards(cfg: Mapping[str, Any], markers: Sequence[str], out_csv
 
 def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv: str, marker: str, shard_index: int, num_shards: int) -> Path:
     """CAM seeds at the chosen background threshold as PNG label maps (a pseudo-mask source)."""
-    import pandas as pd
-
     from .cam_infer import shard_ids
     from .cams import CamStore
     from .io import voc_palette, write_label_png
@@ -280,7 +278,7 @@ def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv
     from .workflow.per_image import map_images
 
     ds = open_dataset(cfg)
-    t = chosen_threshold(pd.read_csv(sweep_csv))
+    t = chosen_threshold(sweep_csv)
     resolved = dict(stage_params(cfg, "seed_masks"), seed_threshold=t)
     out_dir = masks_dir(Path(marker).parent, resolved)
     mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)

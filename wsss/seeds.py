@@ -8,15 +8,17 @@ chosen with ground truth (an oracle choice, as in the literature; it is labelled
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+import os
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
 from .cams import CamStore
+from .csvio import read_csv_checked
 from .data.base import SegDataset
-from .io import atomic_path
+from .io import DataError, atomic_path
 from .metrics import ConfusionMatrix
 
 
@@ -72,5 +74,74 @@ def write_table(df: pd.DataFrame, path) -> None:
         df.to_csv(tmp, index=False, float_format="%.6g")
 
 
-def chosen_threshold(df: pd.DataFrame) -> float:
-    return float(df.loc[df["chosen_with_gt"], "threshold"].iloc[0])
+#: columns of a threshold sweep that readers use; none may be empty
+SWEEP_COLUMNS = ("threshold", "miou", "chosen_with_gt")
+
+
+def read_sweep(path: Union[str, os.PathLike]) -> pd.DataFrame:
+    """Read a threshold sweep CSV (:func:`write_table`), checked by :func:`~wsss.csvio.read_csv_checked`.
+
+    A missing, empty, header-only or cut file, or one without the columns of :data:`SWEEP_COLUMNS`
+    or with an empty value in them, raises :class:`DataError` naming the file.
+    """
+    return read_csv_checked(path, SWEEP_COLUMNS, nonnull=SWEEP_COLUMNS, what="threshold sweep")
+
+
+def sweep_chosen_row(df: pd.DataFrame, source: Union[str, os.PathLike, None] = None,
+                     thresholds: Optional[Sequence[float]] = None) -> pd.Series:
+    """The row of the sweep ``df`` marked ``chosen_with_gt``, after checking the table is whole.
+
+    Checks: at least one row; the columns of :data:`SWEEP_COLUMNS` present and filled;
+    ``chosen_with_gt`` all True/False with exactly one True, on a row of the highest mIoU; one row
+    per threshold (no threshold twice, and exactly the grid ``thresholds`` when given); the last
+    column filled on every row (a row cut short has no value there). ``source`` (the file the
+    table was read from) is named in the :class:`DataError` raised otherwise.
+    """
+    where = f"threshold sweep {source}" if source is not None else "threshold sweep (a table passed in, file not known)"
+    if len(df) == 0:
+        raise DataError(f"{where} has no rows")
+    missing = [c for c in SWEEP_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{where} has no column(s) {missing}; its columns are {list(df.columns)}")
+    for c in dict.fromkeys([*SWEEP_COLUMNS, df.columns[-1]]):
+        empty = df[c].isna().to_numpy()
+        if empty.any():
+            raise DataError(f"{where}: column {c!r} is empty on data row(s) {[int(i) + 1 for i in empty.nonzero()[0][:5]]} "
+                            "(a cut or damaged file?)")
+    chosen = df["chosen_with_gt"]
+    if not pd.api.types.is_bool_dtype(chosen):
+        bad = sorted({str(v) for v in chosen if not isinstance(v, (bool, np.bool_))})
+        raise DataError(f"{where}: column 'chosen_with_gt' must hold True/False only, found {bad[:5]}")
+    try:
+        t = df["threshold"].astype(float)
+        miou = df["miou"].astype(float)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"{where}: columns 'threshold' and 'miou' must be numbers ({e})") from e
+    dup = sorted(set(t[t.duplicated()]))
+    if dup:
+        raise DataError(f"{where} has more than one row for threshold(s) {dup}; expected one row per threshold")
+    if thresholds is not None:
+        want, have = sorted(float(x) for x in thresholds), sorted(t)
+        if len(want) != len(have) or not np.allclose(want, have, rtol=1e-5, atol=1e-8):
+            raise DataError(f"{where} has thresholds {have}; expected one row for each of {want}")
+    n = int(chosen.sum())
+    if n != 1:
+        raise DataError(f"{where} has {n} rows marked chosen_with_gt; expected exactly one")
+    row = df[chosen.to_numpy()].iloc[0]
+    if float(row["miou"]) < miou.max():
+        raise DataError(f"{where}: the row marked chosen_with_gt (threshold {float(row['threshold'])}, mIoU "
+                        f"{float(row['miou'])}) is not the one of the highest mIoU ({miou.max()})")
+    return row
+
+
+def chosen_threshold(sweep: Union[pd.DataFrame, str, os.PathLike], source: Union[str, os.PathLike, None] = None,
+                     thresholds: Optional[Sequence[float]] = None) -> float:
+    """The background threshold marked ``chosen_with_gt`` in a sweep (a table, or the path of its CSV).
+
+    Given a path, the file is read with :func:`read_sweep` (so a cut file or a missing column is a
+    :class:`DataError` naming it); a table is checked by :func:`sweep_chosen_row`.
+    """
+    if isinstance(sweep, (str, os.PathLike)):
+        source = sweep if source is None else source
+        sweep = read_sweep(sweep)
+    return float(sweep_chosen_row(sweep, source, thresholds)["threshold"])

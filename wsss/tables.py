@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import pandas as pd
 
 from . import __version__
+from .csvio import read_csv_checked
 from .io import atomic_path, write_text_atomic
 
 #: Benchmark file stems (before ``-<shard>``) of each stage.
@@ -27,44 +28,67 @@ STAGES = ("train_classifier", "cam_shard", "crf_shard", "ir_labels_shard", "trai
           "train_deeplab", "deeplab_predict_shard")
 
 
-def _metric(path: Path, column: str) -> float:
+def _metrics(path: Path, columns: Sequence[str]) -> Dict[str, object]:
+    """``columns`` of the one data row of the metrics file ``path``; NaN for each when it does not exist.
+
+    A metrics file that exists must hold every column asked for and exactly one data row, else
+    :class:`~wsss.io.DataError` names the file (a cut or damaged file is never read as a number).
+    Values are as written (a metric the stage wrote as ``nan`` stays NaN).
+    """
     if not path.exists():
-        return math.nan
-    df = pd.read_csv(path)
-    return float(df[column].iloc[0]) if column in df.columns else math.nan
+        return {c: math.nan for c in columns}
+    df = read_csv_checked(path, columns, rows=1, what="metrics file")
+    return {c: df[c].iloc[0] for c in columns}
+
+
+def _metric(path: Path, column: str) -> float:
+    """One number of the metrics file ``path`` (see :func:`_metrics`)."""
+    return float(_metrics(path, [column])[column])
 
 
 def stage_times(bench_dir: Path) -> Dict[str, float]:
+    """Wall seconds of each stage from Snakemake's benchmark TSVs (the last repeat's ``s``; shards summed).
+
+    A benchmark file without an ``s`` column, without data rows, cut mid-row or with an empty
+    ``s`` raises :class:`~wsss.io.DataError` naming it.
+    """
     times: Dict[str, float] = {}
     for stage in STAGES:
-        files = list(bench_dir.glob(f"{stage}.tsv")) + list(bench_dir.glob(f"{stage}-*.tsv"))
-        total = sum(float(pd.read_csv(f, sep="\t")["s"].iloc[-1]) for f in files)
+        files = sorted(bench_dir.glob(f"{stage}.tsv")) + sorted(bench_dir.glob(f"{stage}-*.tsv"))
+        total = sum(float(read_csv_checked(f, ["s"], sep="\t", nonnull=["s"], what="benchmark file")["s"].iloc[-1])
+                    for f in files)
         times[f"time_{stage}_s"] = round(total, 1) if files else math.nan
     return times
 
 
 def experiment_row(results: Path, run: str) -> Dict[str, object]:
-    """Metrics of one run (``<experiment>/s<seed>``, the results subfolder)."""
+    """Metrics of one run (``<experiment>/s<seed>``, the results subfolder).
+
+    A stage whose metrics file does not exist gives NaN; a file that exists but is damaged (empty,
+    cut, a missing column, the wrong number of rows) raises :class:`~wsss.io.DataError` naming it.
+    """
+    from .seeds import read_sweep, sweep_chosen_row
+
     d = results / run
     name, sep, seed = run.rpartition("/s")
     row: Dict[str, object] = {"run": run, "experiment": name if sep else run, "seed": int(seed) if sep and seed.isdigit() else math.nan}
     sweep = d / "seeds" / "threshold_sweep.csv"
     if sweep.exists():
-        s = pd.read_csv(sweep)
-        chosen = s[s["chosen_with_gt"]].iloc[0]
+        chosen = sweep_chosen_row(read_sweep(sweep), source=sweep)
         row.update(seed_threshold=float(chosen["threshold"]), seed_miou=float(chosen["miou"]))
     else:
         row.update(seed_threshold=math.nan, seed_miou=math.nan)
     row["crf_miou"] = _metric(d / "crf" / "metrics.csv", "miou")
-    ir = d / "irn" / "ir_labels" / "metrics.csv"
-    row["ir_label_precision"] = _metric(ir, "confident_pixel_accuracy")
-    row["ir_label_coverage"] = _metric(ir, "coverage")
-    row["ir_label_miou"] = _metric(ir, "miou_confident")
+    ir = _metrics(d / "irn" / "ir_labels" / "metrics.csv", ["confident_pixel_accuracy", "coverage", "miou_confident"])
+    row["ir_label_precision"] = float(ir["confident_pixel_accuracy"])
+    row["ir_label_coverage"] = float(ir["coverage"])
+    row["ir_label_miou"] = float(ir["miou_confident"])
     row["irn_miou"] = _metric(d / "irn" / "masks" / "metrics.csv", "miou")
-    dl = d / "deeplab" / "metrics.csv"
-    row["deeplab_miou"] = _metric(dl, "miou")
-    row["deeplab_jf"] = _metric(dl, "JF")
-    row["deeplab_pseudo_masks"] = pd.read_csv(dl)["pseudo_masks"].iloc[0] if dl.exists() else ""
+    dl_path = d / "deeplab" / "metrics.csv"
+    dl = _metrics(dl_path, ["miou", "JF", "pseudo_masks"])
+    row["deeplab_miou"] = float(dl["miou"])
+    row["deeplab_jf"] = float(dl["JF"])
+    row["deeplab_pseudo_masks"] = dl["pseudo_masks"] if dl_path.exists() else ""
     row.update(stage_times(d / "benchmarks"))
     return row
 

@@ -110,14 +110,62 @@ def write_labels_csv(path: Path, ids: Sequence[str], labels: Dict[str, np.ndarra
 
 
 def read_labels_csv(path: Path, class_names: Sequence[str]) -> Dict[str, np.ndarray]:
-    """Read a labels CSV written by :func:`write_labels_csv`; checks the class columns."""
-    import pandas as pd
+    """Read a labels CSV written by :func:`write_labels_csv`: image id -> float32 0/1 vector.
+
+    The header must be ``image_id`` then the foreground classes of ``class_names`` in order. Every
+    value must be 0 or 1 (``0.0`` / ``1.0`` are accepted too). An empty or header-only file, a row
+    with more or fewer fields than the header (a file cut mid-row), an empty image id or cell, NaN,
+    any other number (2, -1, 0.5) or text, and an image id on two rows raise :class:`DataError`
+    naming the file, the line (1-based, as in an editor), the image and the class column.
+    """
+    from ..csvio import csv_records
 
     path = Path(path)
     if not path.exists():
         raise DataError(f"labels file not found: {path}")
-    df = pd.read_csv(path, dtype={"image_id": str})
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read labels file {path}: {e}") from e
     fg = list(class_names[1:])
-    if list(df.columns) != ["image_id"] + fg:
-        raise DataError(f"labels file {path} has columns {list(df.columns)}; expected image_id + {fg}")
-    return {r[0]: np.asarray(r[1:], dtype=np.float32) for r in df.itertuples(index=False, name=None)}
+    records = csv_records(text, path)
+    first = next(records, None)
+    if first is None:
+        raise DataError(f"labels file {path} is empty; expected a header image_id + {fg}")
+    if first[1] != ["image_id"] + fg:
+        raise DataError(f"labels file {path} has columns {first[1]}; expected image_id + {fg}")
+    ncol = 1 + len(fg)
+    values = {"0": 0.0, "1": 1.0}  # parsed cell text -> value (each distinct text parsed once)
+    out: Dict[str, np.ndarray] = {}
+    lines: Dict[str, int] = {}
+    for line, fields in records:
+        where = f"labels file {path}, line {line}"
+        image_id = fields[0]
+        if image_id.strip() == "":
+            raise DataError(f"{where}: empty image_id")
+        where += f" (image {image_id})"
+        if len(fields) != ncol:
+            if len(fields) < ncol:
+                raise DataError(f"{where} has {len(fields)} field(s) but the header has {ncol}: no value for "
+                                f"column(s) {fg[len(fields) - 1:]} (file cut mid-row?)")
+            raise DataError(f"{where} has {len(fields)} fields but the header has {ncol} (image_id + {len(fg)} classes)")
+        if image_id in lines:
+            raise DataError(f"{where}: image id {image_id!r} is also on line {lines[image_id]}; each image may have one row")
+        row = []
+        for name, cell in zip(fg, fields[1:]):
+            v = values.get(cell)
+            if v is None:
+                try:
+                    v = float(cell)
+                except ValueError:
+                    v = None
+                if v not in (0.0, 1.0):
+                    shown = "an empty cell" if cell.strip() == "" else f"{cell!r}"
+                    raise DataError(f"{where}, column {name!r}: {shown}; image-level labels must be 0 or 1")
+                v = values[cell] = 1.0 if v == 1.0 else 0.0  # "-0" and "-0.0" read as 0.0
+            row.append(v)
+        lines[image_id] = line
+        out[image_id] = np.asarray(row, dtype=np.float32)
+    if not out:
+        raise DataError(f"labels file {path} has a header but no rows")
+    return out
