@@ -1,7 +1,7 @@
 """Segmentation metrics: the one module every evaluation uses (CAM seeds, CRF masks, IR labels,
 random-walk labels, DeepLab predictions).
 
-Two accumulators, both filled one image at a time, mergeable across shards and serialisable:
+Two accumulators, both filled one image at a time, mergeable across shards:
 
 * :class:`ConfusionMatrix` - region metrics (IoU, precision, recall, accuracy, coverage).
 * :class:`BoundaryAccumulator` - DAVIS-style region similarity ``J`` and contour accuracy ``F``.
@@ -47,10 +47,7 @@ from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Seq
 
 import numpy as np
 
-from .io import atomic_path, write_json_atomic
-
-CONFUSION_FORMAT = "wsss.confusion_matrix/1"
-BOUNDARY_FORMAT = "wsss.boundary_accumulator/1"
+from .io import atomic_path
 
 __all__ = [
     "ConfusionMatrix",
@@ -268,70 +265,6 @@ class ConfusionMatrix:
         for s in it:
             total.merge(s)
         return total
-
-    def all_reduce(self) -> "ConfusionMatrix":
-        """Sum the counts over torch.distributed ranks in place (no-op when not initialised)."""
-        import torch
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return self
-        flat = np.concatenate([self.mat.ravel(), self.unlabelled, [self.ignored, self.num_images]])
-        t = torch.from_numpy(flat.astype(np.int64))
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        flat = t.cpu().numpy()
-        c = self.num_classes
-        self.mat = flat[: c * c].reshape(c, c).copy()
-        self.unlabelled = flat[c * c : c * c + c].copy()
-        self.ignored, self.num_images = int(flat[-2]), int(flat[-1])
-        return self
-
-    # -- serialisation ------------------------------------------------------------------------
-
-    def to_dict(self) -> Dict[str, Any]:
-        """JSON-serialisable state (plain ints and lists)."""
-        return {
-            "format": CONFUSION_FORMAT,
-            "num_classes": self.num_classes,
-            "ignore_index": self.ignore_index,
-            "num_images": int(self.num_images),
-            "ignored": int(self.ignored),
-            "matrix": self.mat.tolist(),
-            "unlabelled": self.unlabelled.tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ConfusionMatrix":
-        if d.get("format") != CONFUSION_FORMAT:
-            raise ValueError(
-                f"not a confusion matrix dict: format {d.get('format')!r}, expected {CONFUSION_FORMAT!r}"
-            )
-        cm = cls(d["num_classes"], d["ignore_index"])
-        mat = np.asarray(d["matrix"], dtype=np.int64)
-        unl = np.asarray(d["unlabelled"], dtype=np.int64)
-        c = cm.num_classes
-        if mat.shape != (c, c) or unl.shape != (c,):
-            raise ValueError(
-                f"confusion matrix dict has matrix {mat.shape} / unlabelled {unl.shape} for {c} classes"
-            )
-        if (mat < 0).any() or (unl < 0).any():
-            raise ValueError("confusion matrix dict has negative counts")
-        cm.mat, cm.unlabelled = mat, unl
-        cm.ignored, cm.num_images = int(d["ignored"]), int(d["num_images"])
-        return cm
-
-    def save(self, path: str) -> None:
-        """Write :meth:`to_dict` as JSON, atomically."""
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str) -> "ConfusionMatrix":
-        import json
-        from pathlib import Path
-
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     # -- counts -------------------------------------------------------------------------------
 
@@ -765,55 +698,6 @@ class BoundaryAccumulator:
 
     def __iadd__(self, other: "BoundaryAccumulator") -> "BoundaryAccumulator":
         return self.merge(other)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {
-            "format": BOUNDARY_FORMAT,
-            "num_classes": self.num_classes,
-            "ignore_index": self.ignore_index,
-            "bound_th": self.bound_th,
-            "include_background": self.include_background,
-            "void": self.void,
-            "num_images": int(self.num_images),
-            "pairs": self.pairs.tolist(),
-            "j_sum": self.j_sum.tolist(),
-            "f_sum": self.f_sum.tolist(),
-            "precision_sum": self.p_sum.tolist(),
-            "recall_sum": self.r_sum.tolist(),
-            "pooled_counts": self.pooled.tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "BoundaryAccumulator":
-        if d.get("format") != BOUNDARY_FORMAT:
-            raise ValueError(
-                f"not a boundary accumulator dict: format {d.get('format')!r}, expected {BOUNDARY_FORMAT!r}"
-            )
-        acc = cls(d["num_classes"], d["ignore_index"], d["bound_th"], d["include_background"], d["void"])
-        c = acc.num_classes
-        acc.pairs = np.asarray(d["pairs"], dtype=np.int64)
-        acc.j_sum = np.asarray(d["j_sum"], dtype=np.float64)
-        acc.f_sum = np.asarray(d["f_sum"], dtype=np.float64)
-        acc.p_sum = np.asarray(d["precision_sum"], dtype=np.float64)
-        acc.r_sum = np.asarray(d["recall_sum"], dtype=np.float64)
-        acc.pooled = np.asarray(d["pooled_counts"], dtype=np.int64)
-        shapes = [a.shape for a in (acc.pairs, acc.j_sum, acc.f_sum, acc.p_sum, acc.r_sum)]
-        if any(s != (c,) for s in shapes) or acc.pooled.shape != (c, 4):
-            raise ValueError(
-                f"boundary accumulator dict has arrays of shapes {shapes}, {acc.pooled.shape} for {c} classes"
-            )
-        acc.num_images = int(d["num_images"])
-        return acc
-
-    def save(self, path: str) -> None:
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str) -> "BoundaryAccumulator":
-        import json
-        from pathlib import Path
-
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
     # -- results ------------------------------------------------------------------------------
 
