@@ -1,7 +1,9 @@
 """Benchmark: IRN random walk, dense reference formulation vs the sparse (stencil) one.
 
 Default size = a VOC image of 500 x 375 at stride 4 (125 x 94 map, N = 11,750 pixels), K = 3
-classes, radius 5, beta 10, exp_times 8 (256 steps) — irn_deeplab.md §1.8, §5.3, §5.4.
+classes, radius 5, beta 10, exp_times 8 (256 steps) — the IRN inference defaults
+(``step/make_sem_seg_labels.py`` of jiwoon-ahn/irn); cost of the dense reference: docs/irn.md,
+"Deviations from the reference", item 1.
 
 Each variant runs in a fresh Python process (``--worker``), so its memory figure is its own:
 peak memory = growth of the process's peak resident set size (``resource.getrusage(RUSAGE_SELF)

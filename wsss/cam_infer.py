@@ -1,4 +1,4 @@
-"""Multi-scale CAM inference into HDF5 shards (IRN ``make_cam``, irn_deeplab.md §1.3).
+"""Multi-scale CAM inference into HDF5 shards (IRN ``step/make_cam.py``; docs/official_code.md).
 
 Per image and scale ``s`` (default 1.0, 0.5, 1.5, 2.0): the image is rescaled (PIL bicubic), stacked
 with its horizontal flip (the flip pair is one batch of 2), and the method's ReLU'd CAM is fused as

@@ -3,7 +3,7 @@
 * SGD with a poly learning-rate schedule (``lr = lr0 * (1 - step/max_step)^power``), per-group
   learning-rate multipliers for new layers and weight decay.
 * ``momentum_mode="reference"`` reproduces the PolyOptimizer quirk of the official IRN/PSA-derived
-  code (methods.md §0.2, irn_deeplab.md §0.3): the weight decay is passed where SGD expects the
+  code (``PolyOptimizer``; docs/official_code.md): the weight decay is passed where SGD expects the
   momentum, so the effective momentum equals the weight decay (~0). The published numbers were
   obtained that way, so it is the default; ``"standard"`` uses ``momentum`` (0.9).
 * AMP (autocast + GradScaler) on CUDA; seeded and deterministic on CPU.

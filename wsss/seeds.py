@@ -1,9 +1,10 @@
 """CAM seeds: label maps from CAMs with a constant background score, and the threshold sweep.
 
 A seed is ``argmax([t, cam_1, ..., cam_K])`` over the image's present classes, mapped back to label
-ids (IRN ``eval_cam``, irn_deeplab.md §1.4). The sweep evaluates every threshold of the configured
-grid with the metrics module on one split; the best mIoU is marked ``chosen_with_gt`` because it is
-chosen with ground truth (an oracle choice, as in the literature; it is labelled, not hidden).
+ids (IRN ``step/eval_cam.py``; docs/official_code.md). The sweep evaluates every threshold of the
+configured grid with the metrics module on one split; the best mIoU is marked ``chosen_with_gt``
+because it is chosen with ground truth (an oracle choice, as in the literature; it is labelled, not
+hidden).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
-"""Image transforms of the CAM stages (the IRN recipe, irn_deeplab.md §0.2 and §1.2).
+"""Image transforms of the CAM stages (the IRN recipe: ``misc/imutils.py``, ``step/train_cam.py``).
 
-Training: random long-side resize (PIL bicubic), horizontal flip, optional colour jitter (AEFT,
-methods.md §0.3), ImageNet normalisation, random crop with zero padding (0 = the mean colour after
-normalisation). Inference: multi-scale resize with flips. Every number comes from the caller
-(config); randomness comes from an explicit ``numpy.random.Generator`` so augmentation is
-reproducible whatever the number of workers.
+Training: random long-side resize (PIL bicubic), horizontal flip, optional colour jitter (AEFT
+``voc12/data.py``), ImageNet normalisation, random crop with zero padding (0 = the mean colour after
+normalisation; docs/official_code.md, "CAM-stage image pipelines"). Inference: multi-scale resize
+with flips. Every number comes from the caller (config); randomness comes from an explicit
+``numpy.random.Generator`` so augmentation is reproducible whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def color_jitter(
 
     With probability ``p``: brightness, contrast and saturation factors uniform in
     ``[max(0, 1 - v), 1 + v]``, a hue shift uniform in ``[-h, h]``, applied in a random order with
-    torchvision's PIL functional ops (what AEFT's loader does, methods.md §0.3). A zero strength
+    torchvision's PIL functional ops (what AEFT's ``VOC12ClsDataset_SelfSup`` does). A zero strength
     skips that adjustment, as in torchvision.
     """
     if rng.random() >= p:

@@ -2,19 +2,19 @@
 
 Paper: *Weakly Supervised Semantic Segmentation via Adversarial Learning of Classifier and
 Reconstructor* (seed paper 002); official code ``sangrockEG/ACR`` (``networks/resnet38d.py``,
-``models/exp_recon_cvpr23.py::Exp.training_step``), summarised in ``shared/reference/methods.md`` §2.
+``models/exp_recon_cvpr23.py::Exp.training_step``; commit ``443dff9``).
 All options, equations and paper/code deviations: ``docs/methods/acr.md``.
 
-Networks (§2.1). The **classifier** ``F`` = backbone -> ``fc8`` (1x1, 256, ReLU) -> ``fc9`` (1x1, C),
-both bias-free and Xavier-initialised; logits = GAP of the raw CAM. The **reconstructor** ``G`` is a
-second network of the same architecture (its own backbone, a deep copy of the classifier's, so both
-start from the same pretrained weights, and its own classification head trained with BCE as in the
-official code) plus the encoder head: 1x1 bias-free convs reduce three backbone taps of increasing
-depth (ResNet-38: conv4/conv5/conv6 -> 64/128/256 channels), each is bilinearly upsampled to the
-input size and concatenated (``X``, 448 channels), and the pix2pix U-Net ``G_D`` decodes it to an
-image compared with the ImageNet-normalised input.
+Networks (``Net_main``, ``Net_recon``). The **classifier** ``F`` = backbone -> ``fc8`` (1x1, 256,
+ReLU) -> ``fc9`` (1x1, C), both bias-free and Xavier-initialised; logits = GAP of the raw CAM. The
+**reconstructor** ``G`` is a second network of the same architecture (its own backbone, a deep copy
+of the classifier's, so both start from the same pretrained weights, and its own classification head
+trained with BCE as in the official code) plus the encoder head: 1x1 bias-free convs reduce three
+backbone taps of increasing depth (ResNet-38: conv4/conv5/conv6 -> 64/128/256 channels), each is
+bilinearly upsampled to the input size and concatenated (``X``, 448 channels), and the pix2pix U-Net
+``G_D`` decodes it to an image compared with the ImageNet-normalised input.
 
-Training (§2.2), every iteration on the same batch, one target class ``t`` per image:
+Training (``Exp.training_step``), every iteration on the same batch, one target class ``t`` per image:
 
 * **RU phase** (reconstructor updated by its own optimiser, classifier frozen): the classifier's
   no-grad CAM ``A_t`` (``max_norm`` x label, bilinear to the input size) decomposes ``X``;

@@ -1,5 +1,5 @@
 """AEFT: Adversarial Erasing Framework via Triplet on the GPP classifier (Yoon et al., ECCV 2022, §3.4;
-official code ``KAIST-vilab/AEFT``, ``models/model_aeft_gpp.py::model_WSSS.update``; methods.md §1.2).
+official code ``KAIST-vilab/AEFT``, ``models/model_aeft_gpp.py::model_WSSS.update`` and ``train.py``).
 
 Per step, with anchor images ``I_A`` (the batch), labels ``y`` and the GPP network (``gpp.py``):
 

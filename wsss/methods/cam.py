@@ -1,4 +1,4 @@
-"""Baseline CAM (Zhou et al. 2016) in the IRN recipe (irn_deeplab.md §1.1-1.2).
+"""Baseline CAM (Zhou et al. 2016) in the IRN recipe (``net/resnet50_cam.py``, ``step/train_cam.py``).
 
 Backbone features -> global average pooling -> bias-free 1x1 classifier -> multilabel soft-margin
 loss. The CAM is the classifier applied at every position (no pooling), ReLU'd.

@@ -1,4 +1,4 @@
-"""GPP: the Gated Pyramid Pooling classifier of AEFT (Yoon et al., ECCV 2022, §3.3; methods.md §1.1).
+"""GPP: the Gated Pyramid Pooling classifier of AEFT (Yoon et al., ECCV 2022, §3.3; AEFT ``Net_gpp``).
 
 The head on top of any backbone (ResNet-38 in the paper) is the official ``Net_gpp`` head:
 ``fc8`` 1x1 conv (backbone channels -> 256, no bias, Xavier-uniform) + ReLU, ``fc9`` 1x1 conv
@@ -43,7 +43,7 @@ AGGREGATIONS = ("gated", "gated_inverse", "average")
 
 
 def max_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per (image, class) normalisation of the official AEFT/KTSE code (methods.md §0.3):
+    """Per (image, class) normalisation of the official AEFT/KTSE code (docs/official_code.md):
     ``x = relu(x); relu(x - min - eps) / (max - min + eps)`` over the spatial dimensions."""
     x = F.relu(x)
     flat = x.flatten(2)
@@ -225,7 +225,7 @@ class GPPMethod(Method):
 
     def cam(self, images: torch.Tensor) -> torch.Tensor:
         """ReLU'd foreground CAM ``fc9`` at feature resolution: what the official ``infer_multi``
-        fuses (the CAM, not the GPP map; methods.md §1.3)."""
+        fuses (the CAM, not the GPP map; AEFT ``infer.py``)."""
         return F.relu(self.forward_all(images).cam)
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """ISL + FSL (HFPL, Jonnarth et al., WACV 2024): an add-on for any method, built as ``"<method>+islfsl"``.
 
 Paper: *High-fidelity Pseudo-labels for Boosting Weakly-Supervised Segmentation* (seed paper 003);
-official code ``arvijj/hfpl`` (``tool/probutils.py``, ``train_cam_voc.py``), summarised in
-``shared/reference/methods.md`` §3. Documentation with every option and deviation:
+official code ``arvijj/hfpl`` (``tool/probutils.py``, ``train_cam_voc.py``; commit ``1038a68``).
+Documentation with every option and deviation:
 ``docs/methods/islfsl.md``.
 
 * **ISL** (importance sampling loss, Eqs. 14-18): per image and class, ``N`` pixels are drawn with

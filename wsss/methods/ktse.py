@@ -1,6 +1,6 @@
 """KTSE: Knowledge Transfer with Simulated inter-image Erasing (Chen et al., ECCV 2024; official code
 ``NUST-Machine-Intelligence-Laboratory/KTSE``, ``models/model_ktse.py::model_WSSS.update``;
-methods.md §5).
+``train.py``; docs/methods/ktse.md).
 
 Network: the GPP classifier (``gpp.py``) whose ``fc9`` has C+1 outputs (channel 0 = background);
 the CAM ``F`` = channels 1..C feeds GPP and the logits, the full map ``F_seg`` is supervised by the
@@ -62,8 +62,9 @@ MGA_TERMS = {"ga_la": ["global", "local"], "ga": ["global"], "rigid": ["erased_c
 def sample_partners(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """For each anchor, a partner index in the batch (never itself) sharing a class; ``-1`` if none.
 
-    As the official loader (methods.md §5.2), but within the batch: draw one of the anchor's classes
-    that another image of the batch has, then one of those images, uniformly, from ``generator``.
+    As the official loader (``voc12/data.py::VOC12ClsDataset_SelfSup``), but within the batch:
+    draw one of the anchor's classes that another image of the batch has, then one of those
+    images, uniformly, from ``generator``.
     """
     lab = (labels.detach() > 0.5).cpu()
     b = lab.shape[0]
@@ -154,7 +155,7 @@ def two_threshold_pseudo_labels(
     num_iter: int = PAR_ITERATIONS,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
-    """KTSE's ``refine_cams_with_bkg_v2`` (Eq. 4 + PAR; methods.md §5.3): ``B x H x W`` labels
+    """KTSE's ``refine_cams_with_bkg_v2`` (Eq. 4 + PAR; ``models/model_ktse.py``): ``B x H x W`` labels
     (0 = background, c+1 = class c, ``ignore_index`` = uncertain), without gradient.
 
     ``cam`` (raw ``B x C x h x w``, no ReLU) is divided by its per-class spatial max (+1e-5) and

@@ -1,5 +1,5 @@
 """PAR: pixel-adaptive refinement of class maps by local colour affinity (Ru et al., AFA, CVPR 2022),
-as used by KTSE to refine its pseudo-labels (methods.md §5.3, ``KTSE:networks/PAR.py``).
+as used by KTSE to refine its pseudo-labels (``KTSE:networks/PAR.py``; docs/methods/ktse.md).
 
 For every pixel ``i`` the 8 neighbours at each dilation ``d`` in ``dilations`` (default
 1, 2, 4, 8, 12, 24: 48 neighbours ``j``; borders replicate-padded) get an affinity

@@ -2,7 +2,7 @@
 
 Paper: *A Self-Training Framework Based on Multi-Scale Attention Fusion for Weakly Supervised
 Semantic Segmentation* (seed paper 004); official code ``bupt-ai-cz/SMAF`` (``gen_fused_cam.py``,
-``models/adaptation_modelv2.py::CustomModel.step``), summarised in ``shared/reference/methods.md`` §4.
+``models/adaptation_modelv2.py::CustomModel.step``; commit ``dd2405d``).
 Options, equations and paper/code deviations: ``docs/methods/smaf.md``.
 
 * **Teacher**: a trained classifier of any registered method (``teacher_path`` = a ``model.pt``

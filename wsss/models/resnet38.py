@@ -1,6 +1,7 @@
 """ResNet-38 ("Model A1" of Wu et al., *Wider or Deeper*), the backbone of the ResNet-38 WSSS repos.
 
-Layout (see ``shared/reference/methods.md`` section 0.1), output stride 8, every conv bias-free:
+Layout (the ``resnet38d.py`` of the official AEFT/ACR/HFPL/SMAF/KTSE code; docs/official_code.md),
+output stride 8, every conv bias-free:
 
 ==========  ==========================================  ===========================
 module      block                                       out channels, stride, dil.

@@ -1,6 +1,6 @@
 """Dense-CRF post-processing (fully connected CRF, Krähenbühl & Koltun 2011, via ``pydensecrf``).
 
-Three flavours, each with the reference defaults (methods.md §0.4, irn_deeplab.md §2):
+Three flavours, each with the reference defaults (docs/crf.md, "Flavours"):
 
 * :func:`crf_with_alpha` — PSA "CRF with alpha" (AEFT/ACR/HFPL/SMAF/KTSE ``_crf_with_alpha``):
   background score ``(1 - max_c CAM) ** alpha`` stacked with the present classes' CAMs, unary
@@ -26,7 +26,7 @@ fails there: ``np.max`` of an empty stack), and a one-label CRF returns that lab
 divides by zero in ``unary_from_labels``).
 
 Reference quirk *not* reproduced: the KTSE/BECO DeepLab test script feeds the CRF the
-mean-subtracted image cast to ``uint8`` (negative values wrap; irn_deeplab.md §2.2, §5.2 item 8).
+mean-subtracted image cast to ``uint8`` (negative values wrap; ``KTSE:segmentation/test.py``).
 :func:`deeplab_crf` takes the raw RGB image. See ``docs/crf.md``.
 """
 

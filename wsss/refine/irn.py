@@ -1,20 +1,23 @@
 """IRN — inter-pixel relation network (Ahn, Cho & Kwak, CVPR 2019) as the affinity refinement of
 CAM seeds: IR labels → IRN training → random walk → semantic pseudo-masks (+ confidence masks).
 
-Reference: the official ``jiwoon-ahn/irn`` code as summarised in irn_deeplab.md §1.1 and §1.5–1.8,
-and ``KTSE:irn/gen_mask.py`` (§3.6). The full description, the config keys and every deviation
+Reference: the official ``jiwoon-ahn/irn`` code (commit ``a2ece003``) and ``KTSE:irn/gen_mask.py``
+(docs/official_code.md). The full description, the config keys and every deviation
 are in ``docs/irn.md``. Parts:
 
-* :func:`cam_to_ir_label` (§1.5): confident foreground / background from two CRF-refined thresholds,
-  255 in between;
-* :class:`IRNMethod` (§1.1, §1.7): frozen ResNet backbone, class-boundary branch and displacement
-  branch at stride 4 with GroupNorm, :class:`MeanShift`; a :class:`wsss.methods.base.Method` so
-  that :func:`wsss.engine.train` trains it (it is *not* registered in the classifier registry);
-* :class:`IRNTrainSet` (§1.7): joint random rescale / flip / crop of image and IR label, the label
-  downscaled ×1/4 (nearest), randomness a function of (seed, epoch, index);
-* :func:`compute_mean_shift` (§1.7, end): mean displacement over an inference list;
-* :func:`boundary_map`, :func:`irn_pseudo_label` (§1.8): flip-averaged boundary map, random walk
-  (:mod:`wsss.refine.random_walk`), labels and scores;
+* :func:`cam_to_ir_label` (``step/cam_to_ir_label.py``): confident foreground / background from
+  two CRF-refined thresholds, 255 in between;
+* :class:`IRNMethod` (``net/resnet50_irn.py``, ``step/train_irn.py``): frozen ResNet backbone,
+  class-boundary branch and displacement branch at stride 4 with GroupNorm, :class:`MeanShift`;
+  a :class:`wsss.methods.base.Method` so that :func:`wsss.engine.train` trains it (it is *not*
+  registered in the classifier registry);
+* :class:`IRNTrainSet` (``VOC12AffinityDataset`` in ``step/train_irn.py``): joint random rescale /
+  flip / crop of image and IR label, the label downscaled ×1/4 (nearest), randomness a function
+  of (seed, epoch, index);
+* :func:`compute_mean_shift` (end of ``step/train_irn.py``): mean displacement over an inference
+  list;
+* :func:`boundary_map`, :func:`irn_pseudo_label` (``step/make_sem_seg_labels.py``): flip-averaged
+  boundary map, random walk (:mod:`wsss.refine.random_walk`), labels and scores;
 * stage functions for the workflow: :func:`make_ir_labels`, :func:`train_irn`,
   :func:`make_irn_masks`.
 """
@@ -222,7 +225,7 @@ class IRNInferParams(_Params):
 
 
 # ----------------------------------------------------------------------------------------------
-# §1.5 IR labels
+# IR labels (step/cam_to_ir_label.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -290,7 +293,7 @@ def cam_to_ir_label(
 
 
 # ----------------------------------------------------------------------------------------------
-# §1.1 network
+# network (net/resnet50_irn.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -340,10 +343,11 @@ class IRNMethod(Method):
       bias) → :class:`MeanShift` = displacement (y, x) at stride 4.
 
     Parameter groups: ``edge`` (``lr × edge_lr_mult``, 1) and ``displacement`` (``lr × dp_lr_mult``,
-    10). :meth:`losses` returns the four weighted terms of §1.7 (see :func:`irn_loss_terms`); the
-    engine logs them per step. The unweighted components (``pos_bg``, ``pos_fg``, ``pos``, ``neg``,
-    ``dp_fg``, ``dp_bg``) of the last step are kept in ``last_components`` and logged at DEBUG level.
-    There is no custom ``train_step``, so the engine's DDP mode applies.
+    10). :meth:`losses` returns the four weighted terms of ``step/train_irn.py`` (see
+    :func:`irn_loss_terms`); the engine logs them per step. The unweighted components (``pos_bg``,
+    ``pos_fg``, ``pos``, ``neg``, ``dp_fg``, ``dp_bg``) of the last step are kept in
+    ``last_components`` and logged at DEBUG level. There is no custom ``train_step``, so the
+    engine's DDP mode applies.
     """
 
     name = "irn"
@@ -483,7 +487,7 @@ class IRNMethod(Method):
 
 
 # ----------------------------------------------------------------------------------------------
-# §1.7 affinity labels and losses
+# affinity labels and losses (step/train_irn.py, AffinityDisplacementLoss)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -545,7 +549,7 @@ def irn_loss_terms(edge_logit: torch.Tensor, disp: torch.Tensor, label: torch.Te
 
 
 # ----------------------------------------------------------------------------------------------
-# §1.7 data
+# data (step/train_irn.py, VOC12AffinityDataset)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -647,7 +651,7 @@ def compute_mean_shift(
     ``method.mean_shift.running_mean`` and returned.
 
     Per image the raw displacement map (before the mean shift) is averaged over space; the result
-    is the average over all images. Deviation (irn_deeplab.md §5.2 item 9): the reference uses
+    is the average over all images. Deviation (docs/irn.md, "Deviations", item 3): the reference uses
     ``drop_last=True`` with batch 32 and averages batch means, so it ignores the last partial batch
     and crashes (``torch.stack([])``) on a list smaller than one batch; here every image counts
     once, any list size works (identical when the list size is a multiple of the batch size).
@@ -671,7 +675,7 @@ def compute_mean_shift(
 
 
 # ----------------------------------------------------------------------------------------------
-# §1.8 inference
+# inference (step/make_sem_seg_labels.py)
 # ----------------------------------------------------------------------------------------------
 
 

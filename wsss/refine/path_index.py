@@ -1,4 +1,4 @@
-"""IRN path index (Ahn et al. 2019; reference ``misc/indexing.py::PathIndex``, irn_deeplab.md §1.6).
+"""IRN path index (Ahn et al. 2019; reference ``misc/indexing.py::PathIndex``; docs/irn.md).
 
 For a radius ``r`` the *search directions* are the offsets ``(dy, dx)`` of the forward half plane
 with ``dy² + dx² < r²``: ``(0, dx)`` for ``dx = 1 .. rf`` and ``(dy, dx)`` for ``dy = 1 .. rf``,

@@ -1,6 +1,6 @@
 """IRN random walk and semantic pseudo-labels (Ahn et al. 2019; reference ``indexing.propagate_to_edge``
-and ``step/make_sem_seg_labels.py``, irn_deeplab.md §1.8), plus the BECO/KTSE confidence masks
-(``KTSE:irn/gen_mask.py``, §3.6).
+and ``step/make_sem_seg_labels.py`` of jiwoon-ahn/irn), plus the BECO/KTSE confidence masks
+(``KTSE:irn/gen_mask.py``). See docs/irn.md.
 
 The walk, for class maps ``x`` (``K × h × w``, the stride-4 CAMs) and a boundary map ``E`` (``h × w``):
 
@@ -256,7 +256,7 @@ def sem_seg_from_walk(rw: torch.Tensor, keys: Sequence[int], size: Tuple[int, in
 
 
 def confidence_mask(scores: np.ndarray, ratio: float = 0.5) -> np.ndarray:
-    """BECO/KTSE confidence mask (``gen_mask.py``, irn_deeplab.md §3.6).
+    """BECO/KTSE confidence mask (``KTSE:irn/gen_mask.py``; docs/irn.md).
 
     ``scores``: ``C × H × W`` (C = K+1; the prediction is their argmax). Per pixel the margin is
     top-1 minus top-2 score (top-2 = 0 when C = 1). Inside each predicted region, the

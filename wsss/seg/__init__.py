@@ -1,4 +1,4 @@
-"""The fully supervised segmentation stage trained on pseudo-masks (DeepLab, KTSE/BECO §3).
+"""The fully supervised segmentation stage trained on pseudo-masks (DeepLab; docs/deeplab.md).
 
 Modules: :mod:`.models` (``SEG_MODELS``: ``deeplabv2``, ``deeplabv3plus``), :mod:`.data`
 (training pairs, confidence masks, augmentation), :mod:`.train` (the network as a

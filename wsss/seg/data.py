@@ -3,7 +3,7 @@
 * Pseudo-masks are single-channel PNGs ``<mask_dir>/<id>.png`` (class indices, 255 = ignore),
   as the seeds / CRF / IRN stages write them. ``gt=True`` trains on the dataset's ground-truth
   masks instead (the fully supervised upper bound).
-* Confidence masks (irn_deeplab.md §3.6, BECO ``irn_mask``) are PNGs ``<conf_dir>/<id>.png`` with
+* Confidence masks (``KTSE:irn/gen_mask.py``, BECO ``irn_mask``) are PNGs ``<conf_dir>/<id>.png`` with
   0 (unconfident) / 255 (confident); grayscale, RGB (torchvision ``save_image`` writes 3 channels)
   and 1-bit files are accepted, a pixel is confident when its (first-channel) value is >= 128
   (BECO reads them with PIL ``convert('1')``, the same for 0/255 files). **Unconfident pixels
@@ -13,7 +13,7 @@
   the remaining pixels or over all pixels is the loss option ``ce_normalisation``.
 * Augmentation (all numbers are parameters, :class:`SegTrainTransform`):
 
-  - ``augment="resized_crop"`` (BECO ``RandomResizedCropMask``, §3.1): torchvision
+  - ``augment="resized_crop"`` (BECO ``RandomResizedCropMask``, ``transform.py``): torchvision
     RandomResizedCrop logic - crop area ~ U(scale_range) x image area, aspect ratio log-uniform
     in ``ratio_range``, up to ``attempts`` tries, else a centre crop clamped to the ratio range -
     then resized to ``crop_size x crop_size`` (image bilinear, label nearest). BECO's list

@@ -1,4 +1,4 @@
-"""Inference and evaluation of the segmentation network (KTSE/BECO ``test_step`` + ``test.py``, §3.4).
+"""Inference and evaluation of the segmentation network (KTSE/BECO ``test_step`` + ``test.py``).
 
 Inference of one image (:func:`predict_probs`):
 

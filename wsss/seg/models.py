@@ -3,11 +3,11 @@
 Two networks, registered in :data:`SEG_MODELS` and built with :func:`build_seg_model`:
 
 * ``deeplabv2`` - the DeepLab-v2 network of the KTSE/BECO segmentation stage
-  (irn_deeplab.md §3.2): a dilated ResNet with output stride 8 (default ``resnet101_os8``, any
-  backbone with output stride 8 works, e.g. ``resnet18_os8`` for CPU runs) and the DeepLab-v2
-  ASPP head: four parallel 3x3 convolutions ``C_in -> num_classes`` with dilation = padding =
-  6, 12, 18, 24, with bias, weights ~ N(0, 0.01), bias 0, whose outputs are **summed**. No BN,
-  no dropout, no image pooling in the head. The stride-8 logits are upsampled bilinearly
+  (``KTSE:segmentation/networks/deeplabv2.py``): a dilated ResNet with output stride 8 (default
+  ``resnet101_os8``, any backbone with output stride 8 works, e.g. ``resnet18_os8`` for CPU runs)
+  and the DeepLab-v2 ASPP head: four parallel 3x3 convolutions ``C_in -> num_classes`` with dilation
+  = padding = 6, 12, 18, 24, with bias, weights ~ N(0, 0.01), bias 0, whose outputs are **summed**.
+  No BN, no dropout, no image pooling in the head. The stride-8 logits are upsampled bilinearly
   (``align_corners=False``) to the input size.
 * ``deeplabv3plus`` - DeepLab-v3+ (Chen et al., ECCV 2018), built on our backbones' taps (not
   torchvision's head): DeepLab-v3 ASPP on the final feature map (1x1 branch, three 3x3 atrous
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 SEG_MODELS = Registry("segmentation model")
 
-#: DeepLab-v2 ASPP rates (irn_deeplab.md §3.2).
+#: DeepLab-v2 ASPP rates (``KTSE:segmentation/networks/deeplabv2.py``, ``ASPP``).
 DEEPLABV2_RATES = (6, 12, 18, 24)
 #: DeepLab-v3/v3+ ASPP rates at output stride 16 (doubled at output stride 8).
 DEEPLABV3_RATES_OS16 = (6, 12, 18)

@@ -1,7 +1,7 @@
 """Settings of the segmentation stage (config section ``deeplab:``): defaults and the BECO recipe.
 
 :data:`DEFAULTS` are small CPU settings (the synthetic pipeline); :data:`BECO` holds the values of
-the KTSE/BECO segmentation stage (irn_deeplab.md §3, ``KTSE:segmentation/main.py``) where this stage
+the KTSE/BECO segmentation stage (BECO code in ``KTSE:segmentation/``, ``main.py``) where this stage
 implements them. docs/deeplab.md has the table with both columns and every deviation.
 :func:`resolve_params` fills missing keys from :data:`DEFAULTS` and checks values, naming the key.
 """
@@ -82,7 +82,7 @@ BECO: Dict[str, Any] = {
     "test_size": [512, 512],
     "crf": True,
     "crf_params": {},
-    "crf_image": "parity",  # BECO's uint8-wrapped mean-subtracted image (§2.2 quirk)
+    "crf_image": "parity",  # BECO's uint8-wrapped mean-subtracted image (test.py quirk)
     "shards": 8,
 }
 

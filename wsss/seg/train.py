@@ -9,7 +9,8 @@ networks; see docs/deeplab.md):
   ``mean(CE(reduction="none") * m)`` does (ignored and unconfident pixels count in the
   denominator with loss 0). A batch without any valid pixel gives a zero loss (not NaN).
 * ``param_groups()``: backbone at ``lr x 1``, new head at ``lr x head_lr_mult``. BECO uses one lr for
-  all parameters (``head_lr_mult = 1``, §3.3); the original DeepLab-v2 recipe uses 10.
+  all parameters (``head_lr_mult = 1``, ``runners/optimizer.py``); the original DeepLab-v2 recipe
+  uses 10.
 * Optimiser: SGD with real momentum 0.9 (engine ``momentum_mode="standard"``), poly power 0.9.
 
 This method is *not* registered in :data:`wsss.methods.base.METHODS` (that registry holds the
