@@ -290,6 +290,16 @@ def test_show_panels_only_where_outputs_exist(tree, tmp_path):
     assert image_panels(tree["ds"], run_dir, image_id).titles == ["image", "ground truth", "CRF"]
 
 
+def test_show_damaged_marker_is_a_note(tree):
+    from wsss.show import image_panels
+
+    run_dir, image_id = tree["run_dir"], tree["ids"][0]
+    (run_dir / "crf" / "shard-1-of-1.json").write_text('{"kind": "crf", ')  # cut
+    p = image_panels(tree["ds"], run_dir, image_id)
+    assert "CRF" not in p.titles and "IRN" in p.titles
+    assert any("unreadable: shard-1-of-1.json" in n for n in p.notes), p.notes
+
+
 def test_show_cli(tree, cfg_file, tmp_path, capsys):
     image_id = tree["ids"][0]
     out = tmp_path / "p.png"

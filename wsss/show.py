@@ -70,8 +70,13 @@ def find_mask(folder: Path, image_id: str) -> Tuple[Optional[Path], str]:
     if not markers:
         return None, ""
     skipped = False
+    unreadable = []
     for m in markers:
-        mask_dir, ids, skip = _read_markers([m])
+        try:
+            mask_dir, ids, skip = _read_markers([m])
+        except (DataError, ValueError) as e:  # a damaged marker: look at the others, say so
+            unreadable.append(f"{m.name} ({e})")
+            continue
         if image_id in ids:
             # the folder is always the marker's sibling (masks-<hash>); the recorded path is relative
             # to where Snakemake ran, so prefer the sibling
@@ -82,6 +87,8 @@ def find_mask(folder: Path, image_id: str) -> Tuple[Optional[Path], str]:
         skipped |= image_id in skip
     if skipped:
         return None, f"{folder}: {image_id!r} skipped by the stage (no image-level label)"
+    if unreadable:
+        return None, f"{folder}: {image_id!r} is in none of its readable shards; unreadable: {'; '.join(unreadable)}"
     return None, f"{folder}: {image_id!r} is in none of its shards"
 
 
@@ -92,14 +99,21 @@ def find_cam(cam_dir: Path, image_id: str):
     shards = _newest_first(list(cam_dir.glob("shard-*.h5")))
     if not shards:
         return None, ""
-    skipped = False
+    skipped, unreadable = False, []
     for p in shards:
-        with CamStore([p]) as store:
+        try:
+            store = CamStore([p])
+        except (DataError, ValueError, OSError) as e:  # damaged or incomplete: look at the others, say so
+            unreadable.append(f"{p.name} ({e})")
+            continue
+        with store:
             if image_id in store:
                 return store.get(image_id, fields=("keys", "high_res")), ""
             skipped |= image_id in store.skipped
     if skipped:
         return None, f"{cam_dir}: {image_id!r} skipped by the CAM stage (no image-level label)"
+    if unreadable:
+        return None, f"{cam_dir}: {image_id!r} is in none of its readable shards; unreadable: {'; '.join(unreadable)}"
     return None, f"{cam_dir}: {image_id!r} is in none of its shards"
 
 
