@@ -1,0 +1,384 @@
+"""AffinityNet (PSA, Ahn & Kwak 2018): training labels, pair labels, the loss, the network and the
+random walk (wsss/refine/affinitynet.py, docs/affinitynet.md). Hand-computed values on small maps;
+the sparse walk against the dense reference formula."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from wsss.engine import TrainConfig, build_optimizer, train_step
+from wsss.methods.base import StepContext
+from wsss.refine.affinitynet import (
+    EPS,
+    IGNORE,
+    PRESETS,
+    AffinityInferParams,
+    AffinityLabelParams,
+    AffinityNetMethod,
+    AffinityTrainParams,
+    AffinityTrainSet,
+    affinity_loss_terms,
+    affinity_pair_labels,
+    affinitynet_pseudo_label,
+    dense_affinity_matrix,
+    downsample_label,
+    downsample_scores,
+    pair_affinity,
+    psa_cam_scores,
+    psa_label,
+    psa_pairs,
+    psa_training_label,
+    random_walk_dense,
+    random_walk_sparse,
+    transition_stencil,
+)
+
+# 4x4 label used by the pair tests (radius 2: directions (0,1), (1,-1), (1,0), (1,1); sources rows
+# 0..2, columns 1..2)
+LABEL_4x4 = np.array(
+    [
+        [0, 0, 1, 1],
+        [0, 0, 1, 1],
+        [0, 255, 1, 1],
+        [2, 2, 2, 2],
+    ],
+    dtype=np.int64,
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# training labels
+# ------------------------------------------------------------------------------------------------
+
+
+def test_psa_label_hand():
+    la = np.array([[0, 1, 1], [0, 0, 2]])
+    ha = np.array([[0, 1, 0], [1, 0, 2]])
+    # la foreground kept, la background -> 255, then ha background -> 0
+    assert psa_label(la, ha).tolist() == [[0, 1, 0], [255, 0, 2]]
+    # no score (255 in either map, or valid False) -> 255
+    ha2 = ha.copy()
+    ha2[0, 0] = 255
+    valid = np.ones((2, 3), bool)
+    valid[1, 2] = False
+    assert psa_label(la, ha2, valid).tolist() == [[255, 1, 0], [255, 0, 255]]
+    with pytest.raises(ValueError, match="shape"):
+        psa_label(la, ha[:, :2])
+
+
+def test_downsample_scores_is_block_mean_with_zero_padding():
+    s = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    out = downsample_scores(s, 2)
+    assert out.shape == (2, 2, 3)
+    # first block of plane 0: (0 + 1 + 5 + 6) / 4; last column block: (4 + 9) / 4 (zero padded)
+    assert out[0, 0, 0] == pytest.approx(3.0)
+    assert out[0, 0, 2] == pytest.approx((4 + 9) / 4)
+    # bottom-right block holds one real cell: 14 / 4
+    assert out[0, 1, 2] == pytest.approx(14 / 4)
+
+
+def test_downsample_label_majority_ties_and_no_score():
+    label = np.array(
+        [
+            [1, 1, 0, 2],
+            [1, 0, 2, 0],
+            [255, 255, 3, 3],
+            [255, 255, 255, 4],
+        ]
+    )
+    out = downsample_label(label, 2)
+    # block (0,0): three 1s -> 1; (0,1): 0, 2, 2, 0 -> tie -> the smaller label 0;
+    # (1,0): all 255 -> no score; (1,1): 3, 3, 255, 4 -> 3
+    assert out.tolist() == [[1, 0], [IGNORE, 3]]
+
+
+def test_psa_training_label_downsamples_each_map_then_combines():
+    la = np.zeros((4, 4), np.uint8)
+    la[:2, :2] = 5  # confident foreground in the top-left block
+    ha = np.full((4, 4), 5, np.uint8)
+    ha[2:, 2:] = 0  # confident background in the bottom-right block
+    ha[2:, :2] = 255  # no score (crop padding)
+    out = psa_training_label(la, ha, stride=2)
+    assert out.tolist() == [[5, 255], [255, 0]]
+
+
+def test_crf_label_pair_with_fake_crf():
+    from wsss.refine.affinitynet import crf_label_pair
+
+    calls = []
+
+    def fake(img, high_res, keys, alpha, **kw):
+        calls.append((alpha, kw))
+        return None, np.full(high_res.shape[1:], int(alpha), np.uint8)
+
+    img = np.zeros((5, 6, 3), np.uint8)
+    la, ha = crf_label_pair(img, np.zeros((1, 5, 6), np.float32), [3], {"low_alpha": 2, "high_alpha": 21, "crf": {"t": 3}}, fake)
+    assert la.max() == 2 and ha.max() == 21 and calls == [(2, {"t": 3}), (21, {"t": 3})]
+
+
+# ------------------------------------------------------------------------------------------------
+# pairs, pair labels and the loss
+# ------------------------------------------------------------------------------------------------
+
+
+def test_pairs_reference_sizes_and_order():
+    p = psa_pairs((56, 56), 5)  # the reference's 448 crop at stride 8
+    assert p.directions.shape == (34, 2)
+    assert p.directions[:4].tolist() == [[0, 1], [0, 2], [0, 3], [0, 4]]
+    assert p.directions[4].tolist() == [1, -4]  # 1 + 16 < 25; (2, -5) would not be
+    assert p.src.size == (56 - 4) * (56 - 8)
+    small = psa_pairs((4, 4), 2)
+    assert small.directions.tolist() == [[0, 1], [1, -1], [1, 0], [1, 1]]
+    assert small.src.tolist() == [1, 2, 5, 6, 9, 10]
+    assert small.dst[:, 0].tolist() == [2, 4, 5, 6]
+    # a grid too small for any source has no pairs (the reference's empty slices)
+    assert psa_pairs((3, 8), 5).num_pairs == 0
+
+
+def test_pair_labels_hand_counts_4x4():
+    p = psa_pairs((4, 4), 2)
+    bg, fg, neg = affinity_pair_labels(torch.from_numpy(LABEL_4x4), p)
+    assert bg.shape == (4, 6)
+    # counted by hand over the 6 sources x 4 directions (24 pairs; 6 have an ignored end)
+    assert int(bg.sum()) == 3 and int(fg.sum()) == 7 and int(neg.sum()) == 8
+    assert int((bg + fg + neg).max()) == 1  # each pair in at most one set
+    # source (0,1) = label 0: (0,2)=1 neg, (1,0)=0 bg, (1,1)=0 bg, (1,2)=1 neg
+    assert bg[:, 0].tolist() == [0, 1, 1, 0] and neg[:, 0].tolist() == [1, 0, 0, 1]
+    # source (2,1) = 255: no label at all
+    assert (bg[:, 4] + fg[:, 4] + neg[:, 4]).sum() == 0
+    # batched form
+    b = affinity_pair_labels(torch.from_numpy(np.stack([LABEL_4x4, LABEL_4x4])), p)
+    assert b[0].shape == (2, 4, 6) and int(b[1].sum()) == 14
+
+
+def test_pair_labels_6x6_against_brute_force():
+    rng = np.random.default_rng(3)
+    label = rng.choice([0, 1, 2, 255], size=(6, 6))
+    r = 3
+    p = psa_pairs((6, 6), r)
+    bg, fg, neg = affinity_pair_labels(torch.from_numpy(label), p)
+    # brute force: sources y < 6-2, 2 <= x < 6-2; all forward neighbours within the radius
+    want = {"bg": 0, "fg": 0, "neg": 0}
+    for y in range(0, 4):
+        for x in range(2, 4):
+            for dy in range(0, r):
+                for dx in range(-r + 1, r):
+                    if (dy == 0 and dx <= 0) or dy * dy + dx * dx >= r * r:
+                        continue
+                    a, b = label[y, x], label[y + dy, x + dx]
+                    if a == 255 or b == 255:
+                        continue
+                    key = "neg" if a != b else ("bg" if a == 0 else "fg")
+                    want[key] += 1
+    assert (int(bg.sum()), int(fg.sum()), int(neg.sum())) == (want["bg"], want["fg"], want["neg"])
+    assert p.directions.shape[0] == 12  # 2 + 5 + 5 (dy = 2, dx = ±2: 8 < 9)
+
+
+def test_pair_affinity_hand():
+    f = torch.zeros(1, 2, 3, 3)
+    f[0, :, 0, 2] = torch.tensor([1.0, 3.0])  # destination (0,2) of source (0,1) in direction (0,1)
+    p = psa_pairs((3, 3), 2)  # sources (0,1), (1,1)
+    a = pair_affinity(f, p)
+    assert a.shape == (1, 4, 2)
+    assert a[0, 0, 0].item() == pytest.approx(math.exp(-(1 + 3) / 2))
+    assert a[0, 2, 0].item() == pytest.approx(1.0)  # (0,1) -> (1,1): equal features
+    assert a[0, 3, 1].item() == pytest.approx(1.0)
+
+
+def test_loss_terms_hand_values_4x4():
+    p = psa_pairs((4, 4), 2)
+    bg, fg, neg = affinity_pair_labels(torch.from_numpy(LABEL_4x4), p)
+    aff = 0.9 * bg + 0.8 * fg + 0.3 * neg + 0.5 * (1 - bg - fg - neg)
+    t = affinity_loss_terms(aff, bg, fg, neg)
+    assert t["bg"].item() == pytest.approx(-math.log(0.9 + EPS) * 3 / (3 + EPS), rel=1e-6)
+    assert t["fg"].item() == pytest.approx(-math.log(0.8 + EPS) * 7 / (7 + EPS), rel=1e-6)
+    assert t["neg"].item() == pytest.approx(-math.log(1 + EPS - 0.3) * 8 / (8 + EPS), rel=1e-6)
+    # no pairs of a kind: that term is 0 (the reference's + 1e-5 in the count)
+    empty = affinity_loss_terms(aff, torch.zeros_like(bg), fg, neg)
+    assert empty["bg"].item() == 0.0
+
+
+def test_method_losses_are_the_reference_weights():
+    torch.manual_seed(0)
+    m = AffinityNetMethod("resnet18", pretrained="none", radius=3)
+    x = torch.randn(2, 3, 96, 96)
+    label = torch.from_numpy(np.random.default_rng(0).choice([0, 1, 255], size=(2, 12, 12)))
+    ctx = StepContext(step=0, max_step=1, epoch=0, max_epoch=1, device=torch.device("cpu"))
+    terms = m.losses({"image": x, "label": label}, ctx)
+    assert set(terms) == {"bg", "fg", "neg"}
+    raw = m.last_components
+    assert terms["bg"].item() == pytest.approx(raw["bg"] / 4, rel=1e-6)
+    assert terms["fg"].item() == pytest.approx(raw["fg"] / 4, rel=1e-6)
+    assert terms["neg"].item() == pytest.approx(raw["neg"] / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="feature grid"):
+        m.losses({"image": x, "label": label[:, :10]}, ctx)
+
+
+# ------------------------------------------------------------------------------------------------
+# network and one training step
+# ------------------------------------------------------------------------------------------------
+
+
+def test_network_structure_and_groups():
+    torch.manual_seed(0)
+    m = AffinityNetMethod("resnet18", pretrained="none")
+    assert m.taps == ("stage2", "stage3", "stage4") and m.feature_stride == 8 and m.pad_multiple == 16
+    assert [c.out_channels for c in m.reduce] == [64, 128, 256] and m.f9.in_channels == 448 == m.f9.out_channels
+    assert all(c.bias is None for c in m.head_modules())
+    groups = {g["name"]: g for g in m.param_groups()}
+    assert groups["head"]["lr_mult"] == 10.0 and groups["backbone"]["lr_mult"] == 1.0
+    feat = m(torch.randn(1, 3, 80, 112))
+    assert feat.shape == (1, 448, 10, 14)
+    with pytest.raises(ValueError, match="unknown tap"):
+        AffinityNetMethod("resnet18", taps=("nope",))
+
+
+def test_one_training_step_finite_named_terms():
+    torch.manual_seed(0)
+    m = AffinityNetMethod("resnet18", pretrained="none", radius=5)
+    opt = build_optimizer(m.param_groups(), TrainConfig(lr=0.01, weight_decay=5e-4))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    rng = np.random.default_rng(1)
+    label = np.zeros((2, 12, 12), np.int64)
+    label[:, 2:8, 3:9] = rng.integers(1, 3)
+    label[:, :, 10:] = 255
+    before = m.f9.weight.detach().clone()
+    ctx = StepContext(step=0, max_step=1, epoch=0, max_epoch=1, device=torch.device("cpu"))
+    m.train()
+    out = train_step(m, {"image": torch.randn(2, 3, 96, 96), "label": torch.from_numpy(label)}, ctx, opt, scaler, False)
+    assert {"loss_bg", "loss_fg", "loss_neg", "loss_total"} == set(out)
+    assert all(math.isfinite(v) for v in out.values())
+    assert out["loss_total"] == pytest.approx(out["loss_bg"] + out["loss_fg"] + out["loss_neg"], rel=1e-6)
+    assert not torch.equal(before, m.f9.weight.detach())
+
+
+class _FakeDS:
+    def __init__(self, images):
+        self.images = images
+
+    def load_image(self, image_id):
+        return self.images[image_id]
+
+
+def test_train_set_joint_crop_and_label_grid():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    la = np.zeros((40, 60), np.uint8)
+    la[:, 30:] = 4
+    ha = np.zeros((40, 60), np.uint8)
+    ha[:, 30:] = 4
+    ts = AffinityTrainSet(_FakeDS({"a": img}), ["a"], lambda i: (la, ha), crop_size=64, stride=8, color_jitter=None)
+    s = ts[0]
+    assert s["image"].shape == (3, 64, 64) and s["label"].shape == (8, 8)
+    lab = s["label"].numpy()
+    assert set(np.unique(lab)) <= {0, 4, 255}
+    assert (lab == 255).any()  # the 40-row image in a 64 crop: padded rows have no score
+    s2 = ts[0]
+    assert torch.equal(s["image"], s2["image"])  # (seed, epoch, index) -> same crop
+    with pytest.raises(ValueError, match="multiple"):
+        AffinityTrainSet(_FakeDS({}), [], lambda i: None, crop_size=60, stride=8)
+
+
+# ------------------------------------------------------------------------------------------------
+# random walk
+# ------------------------------------------------------------------------------------------------
+
+
+def _random_aff(size, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(1, 8, *size, generator=g)
+    p = psa_pairs(size, r)
+    return pair_affinity(f, p)[0], p
+
+
+@pytest.mark.parametrize("size,r,logt", [((12, 14), 5, 6), ((9, 13), 5, 8), ((7, 9), 3, 3), ((6, 6), 2, 0)])
+def test_sparse_walk_matches_dense_psa_formula(size, r, logt):
+    aff, p = _random_aff(size, r, seed=sum(size))
+    cam = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
+    # the reference formula, written out: A^beta with identity diagonal, column sums, T^(2^logt)
+    a = dense_affinity_matrix(aff.double(), p).pow(8.0)
+    t = a / a.sum(0, keepdim=True)
+    ref = (cam.double().reshape(3, -1) @ torch.linalg.matrix_power(t, 2 ** logt)).view(3, *size)
+    sparse = random_walk_sparse(cam, aff, p, beta=8.0, logt=logt)
+    dense = random_walk_dense(cam, aff, p, beta=8.0, logt=logt)
+    assert sparse.dtype == torch.float32
+    assert (sparse.double() - ref).abs().max().item() < 1e-4
+    assert (dense.double() - ref).abs().max().item() < 1e-4
+    assert torch.equal(sparse.argmax(0), ref.float().argmax(0)) or (sparse.double() - ref).abs().max() < 1e-6
+
+
+def test_stencil_is_column_stochastic_and_symmetric_matrix():
+    aff, p = _random_aff((8, 11), 3, seed=5)
+    a = dense_affinity_matrix(aff, p)
+    assert torch.equal(a, a.T) and torch.all(a.diagonal() == 1)
+    offsets, w, self_w = transition_stencil(aff.double(), p, beta=8.0)
+    total = self_w + w.sum(0)
+    assert torch.allclose(total, torch.ones_like(total))
+    assert len(offsets) == 2 * p.directions.shape[0]
+
+
+def test_psa_cam_scores_background_and_pooling():
+    cams = np.zeros((2, 10, 12), np.float32)
+    cams[0, :4, :4] = 1.0
+    cams[1, 8:, 8:] = 0.5
+    s = psa_cam_scores(cams, alpha=2, stride=8)
+    assert s.shape == (3, 2, 2)
+    # top-left 8x8 block: 16 cells class 0 (bg 0), 48 cells bg 1
+    assert s[0, 0, 0] == pytest.approx(48 / 64) and s[1, 0, 0] == pytest.approx(16 / 64)
+    # bottom-right block: 2 real rows x 4 real cols; class 1 = 0.5, bg (1-0.5)^2 = 0.25; zero padding
+    assert s[2, 1, 1] == pytest.approx(8 * 0.5 / 64) and s[0, 1, 1] == pytest.approx(8 * 0.25 / 64)
+    assert psa_cam_scores(np.zeros((0, 8, 8), np.float32), 16).tolist() == [[[1.0]]]
+
+
+def test_pseudo_label_end_to_end_and_crf_hook():
+    torch.manual_seed(0)
+    m = AffinityNetMethod("resnet18", pretrained="none", radius=5)
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    cams = np.zeros((2, 100, 130), np.float32)
+    cams[0, 10:50, 10:60] = 0.9
+    cams[1, 60:, 80:] = 0.8
+    labels, scores = affinitynet_pseudo_label(m, img, cams, [4, 11], {"alpha": 16, "beta": 8, "logt": 2})
+    assert labels.shape == (100, 130) and scores.shape == (3, 100, 130)
+    assert set(np.unique(labels)) <= {0, 5, 12}
+    dense_labels, _ = affinitynet_pseudo_label(m, img, cams, [4, 11], {"logt": 2, "walk": "dense"})
+    assert (dense_labels == labels).mean() > 0.999
+    seen = {}
+
+    def fake_crf(canvas, probs, t, **kw):
+        seen.update(shape=canvas.shape, pad=canvas[-1, -1].tolist(), t=t, kw=kw, c=probs.shape[0])
+        return probs
+
+    affinitynet_pseudo_label(m, img, cams, [4, 11], {"logt": 2, "crf_t": 1}, crf_fn=fake_crf)
+    assert seen["shape"] == (112, 144, 3) and seen["pad"] == [123, 116, 103] and seen["t"] == 1 and seen["c"] == 3
+    assert seen["kw"] == {"pos_w": 3, "pos_xy_std": 3, "bi_w": 10, "bi_xy_std": 80, "bi_rgb_std": 13}
+
+
+# ------------------------------------------------------------------------------------------------
+# parameters
+# ------------------------------------------------------------------------------------------------
+
+
+def test_params_defaults_presets_and_validation():
+    assert AffinityInferParams().logt == 8 and AffinityTrainParams().radius == 5
+    assert AffinityLabelParams().low_alpha == 4.0
+    for paper, sections in PRESETS.items():
+        AffinityLabelParams.from_mapping(sections["label"])
+        AffinityTrainParams.from_mapping(sections["train"])
+        AffinityInferParams.from_mapping(sections["infer"])
+    assert PRESETS["aeft"]["label"] == {"low_alpha": 2.0, "high_alpha": 21.0}
+    assert PRESETS["aeft"]["infer"] == {"alpha": 19.0, "beta": 8.0, "logt": 6, "crf_t": 1}
+    assert PRESETS["hfpl"]["label"] == {"low_alpha": 1.0, "high_alpha": 24.0}
+    assert PRESETS["hfpl"]["infer"]["alpha"] == 6.0 and PRESETS["hfpl"]["infer"]["crf_t"] == 0
+    with pytest.raises(ValueError, match="unknown key"):
+        AffinityInferParams.from_mapping({"exp_times": 8})
+    with pytest.raises(ValueError, match="low_alpha"):
+        AffinityLabelParams(low_alpha=30, high_alpha=2)
+    with pytest.raises(ValueError, match="walk"):
+        AffinityInferParams(walk="fast")
+    with pytest.raises(ValueError, match="color_jitter"):
+        AffinityTrainParams.from_mapping({"color_jitter": [0.3, 0.3]})

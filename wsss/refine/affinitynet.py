@@ -1,0 +1,842 @@
+"""AffinityNet — the PSA affinity refinement of CAM seeds (Ahn & Kwak, *Learning Pixel-level Semantic
+Affinity with Image-level Supervision for Weakly Supervised Semantic Segmentation*, CVPR 2018), as
+AEFT (ECCV 2022) and HFPL use it to refine their seeds.
+
+Reference: the official ``jiwoon-ahn/psa`` code (``train_aff.py``, ``infer_aff.py``,
+``network/resnet38_aff.py``, ``voc12/data.py::ExtractAffinityLabelInRadius`` / ``VOC12AffDataset``,
+``tool/pyutils.py::get_indices_of_pairs``, ``tool/imutils.py``) and the copies in
+``KAIST-vilab/AEFT`` (``infer_aff.py``: the CRF after the walk) and ``arvijj/hfpl``
+(``train_aff_voc.py``, ``infer_aff_voc.py``). No reference code was copied; the behaviour was
+rebuilt from what that code does. The description, the config keys, the per-paper values and
+every deviation are in docs/affinitynet.md. Parts:
+
+* training labels: :func:`psa_label` (two CRF label maps → confident foreground from the low-alpha
+  CRF, confident background from the high-alpha CRF, 255 elsewhere), :func:`downsample_label` and
+  :func:`downsample_scores` (the reference's 8×8 average pooling of the CRF score maps, then
+  argmax), :func:`psa_training_label`;
+* pairs and loss: :func:`psa_pairs` (pixel pairs within the radius on the feature grid, the
+  reference ``get_indices_of_pairs``), :func:`affinity_pair_labels` (``bg``, ``fg``, ``neg``),
+  :func:`pair_affinity` (``a_ij = exp(−mean_c |f_i − f_j|)``), :func:`affinity_loss_terms`
+  (``train_aff.py``: ``bg/4 + fg/4 + neg/2``, each a mean over its pairs);
+* the network :class:`AffinityNetMethod` (``network/resnet38_aff.py``) on any registered backbone,
+  a :class:`wsss.methods.base.Method` trained by :func:`wsss.engine.train` (not registered in the
+  classifier registry), and its training set :class:`AffinityTrainSet`;
+* the random walk (``infer_aff.py``): :func:`psa_cam_scores` (background ``(1 − max fg)^alpha``,
+  8×8 average pooling), :func:`random_walk_dense` (the reference ``N × N`` transition matrix,
+  squared ``logt`` times) and :func:`random_walk_sparse` (the same ``2^logt`` steps as a stencil,
+  linear in the number of pixels), :func:`affinitynet_pseudo_label` (walk, bilinear upsampling,
+  optional PSA CRF, argmax).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..methods.base import Method, StepContext
+from ..models.backbones import Backbone, build_backbone
+from .path_index import radius_floor, search_directions
+
+__all__ = [
+    "IGNORE",
+    "EPS",
+    "PRESETS",
+    "AffinityLabelParams",
+    "AffinityTrainParams",
+    "AffinityInferParams",
+    "psa_label",
+    "downsample_scores",
+    "downsample_label",
+    "psa_training_label",
+    "crf_label_pair",
+    "PairIndex",
+    "psa_pairs",
+    "affinity_pair_labels",
+    "pair_affinity",
+    "affinity_loss_terms",
+    "AffinityNetMethod",
+    "AffinityTrainSet",
+    "psa_cam_scores",
+    "dense_affinity_matrix",
+    "transition_stencil",
+    "random_walk_dense",
+    "random_walk_sparse",
+    "random_walk",
+    "affinitynet_pseudo_label",
+]
+
+IGNORE = 255
+#: ``1e-5`` of ``train_aff.py`` (inside the logs and the pair counts).
+EPS = 1e-5
+#: The uint8 colour of a zero (= mean) pixel after ImageNet normalisation, de-normalised and cast the
+#: way AEFT's ``infer_aff.py`` does it before the CRF: ``uint8(mean · 255)``.
+_PAD_COLOUR = (123, 116, 103)
+WALKS = ("sparse", "dense")
+
+
+# ----------------------------------------------------------------------------------------------
+# parameters (config section ``affinitynet``)
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+class _Params:
+    """``from_mapping`` and checks for the parameter dataclasses (unknown keys name the section)."""
+
+    SECTION = "affinitynet"
+
+    @classmethod
+    def from_mapping(cls, m: Optional[Mapping[str, Any]]):
+        if isinstance(m, cls):
+            return m
+        m = dict(m or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(m) - set(names))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in config section '{cls.SECTION}'; valid keys: {', '.join(names)}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items()})
+
+    def _fail(self, key: str, msg: str) -> None:
+        raise ValueError(f"{self.SECTION}.{key} {msg}, got {getattr(self, key)!r}")
+
+    def _number(self, key: str, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> None:
+        v = getattr(self, key)
+        if not _is_number(v) or v < lo or v > hi or (lo_open and v == lo):
+            self._fail(key, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
+
+    def _integer(self, key: str, lo: int) -> None:
+        v = getattr(self, key)
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+            self._fail(key, f"must be an integer >= {lo}")
+
+    def _bool(self, key: str) -> None:
+        if not isinstance(getattr(self, key), bool):
+            self._fail(key, "must be true or false")
+
+
+_PSA_CRF_KEYS = {"t", "gauss_sxy", "gauss_compat", "bi_sxy", "bi_srgb", "bi_compat"}
+
+
+@dataclass(frozen=True)
+class AffinityLabelParams(_Params):
+    """``affinitynet.label``: the two "CRF with alpha" runs whose label maps make the training
+    labels (:func:`wsss.refine.crf.crf_with_alpha`; ``crf``: its keyword arguments ``t, gauss_sxy,
+    gauss_compat, bi_sxy, bi_srgb, bi_compat``, unset keys keep the PSA CRF values)."""
+
+    SECTION = "affinitynet.label"
+    low_alpha: float = 4.0
+    high_alpha: float = 32.0
+    crf: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._number("low_alpha", 0.0)
+        self._number("high_alpha", 0.0)
+        if self.low_alpha > self.high_alpha:
+            raise ValueError(
+                f"affinitynet.label.low_alpha ({self.low_alpha}) must not exceed affinitynet.label.high_alpha ({self.high_alpha})"
+            )
+        if not isinstance(self.crf, Mapping):
+            self._fail("crf", "must be a mapping of CRF keyword arguments")
+        unknown = sorted(set(self.crf) - _PSA_CRF_KEYS)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in affinitynet.label.crf; valid keys: {', '.join(sorted(_PSA_CRF_KEYS))}")
+
+
+@dataclass(frozen=True)
+class AffinityTrainParams(_Params):
+    """``affinitynet.train``: network, training data and optimisation (defaults: ``jiwoon-ahn/psa``
+    README and ``train_aff.py``)."""
+
+    SECTION = "affinitynet.train"
+    backbone: str = "resnet38"
+    pretrained: str = "none"
+    trainable_from: Optional[str] = None
+    taps: Optional[Tuple[str, ...]] = None
+    radius: int = 5
+    crop_size: int = 448
+    hflip: bool = True
+    color_jitter: Optional[Tuple[float, float, float, float]] = (0.3, 0.3, 0.3, 0.1)
+    batch_size: int = 8
+    epochs: int = 8
+    lr: float = 0.1
+    head_lr_mult: float = 10.0
+    weight_decay: float = 5e-4
+    momentum_mode: str = "reference"
+    momentum: float = 0.9
+    poly_power: float = 0.9
+    amp: bool = True
+    seed: int = 0
+    bg_weight: float = 0.25
+    fg_weight: float = 0.25
+    neg_weight: float = 0.5
+
+    def __post_init__(self):
+        if not isinstance(self.backbone, str):
+            self._fail("backbone", "must be a backbone name")
+        if not isinstance(self.pretrained, str):
+            self._fail("pretrained", "must be 'none', 'imagenet', 'classifier' or a path")
+        if self.trainable_from is not None and not isinstance(self.trainable_from, str):
+            self._fail("trainable_from", "must be a stage name or null (the backbone's default)")
+        if self.taps is not None and not (isinstance(self.taps, tuple) and len(self.taps) >= 1
+                                          and all(isinstance(t, str) for t in self.taps)):
+            self._fail("taps", "must be a list of backbone tap names or null (automatic)")
+        self._integer("radius", 2)
+        self._integer("crop_size", 8)
+        for k in ("batch_size", "epochs"):
+            self._integer(k, 1)
+        self._integer("seed", 0)
+        for k in ("lr", "head_lr_mult", "weight_decay", "momentum", "poly_power", "bg_weight", "fg_weight", "neg_weight"):
+            self._number(k, 0.0)
+        if self.momentum_mode not in ("reference", "standard"):
+            self._fail("momentum_mode", "must be 'reference' or 'standard'")
+        if self.color_jitter is not None and not (
+            isinstance(self.color_jitter, tuple) and len(self.color_jitter) == 4 and all(_is_number(v) and v >= 0 for v in self.color_jitter)
+        ):
+            self._fail("color_jitter", "must be [brightness, contrast, saturation, hue] (>= 0) or null")
+        for k in ("hflip", "amp"):
+            self._bool(k)
+
+
+@dataclass(frozen=True)
+class AffinityInferParams(_Params):
+    """``affinitynet.infer``: random walk and labels (defaults: ``jiwoon-ahn/psa`` README, ``infer_aff.py``).
+
+    ``crf_t`` = 0 skips the CRF after the walk (PSA, HFPL); AEFT runs the PSA CRF with ``t = 1``
+    (``crf``: its pairwise keyword arguments, unset keys keep the PSA CRF values).
+    """
+
+    SECTION = "affinitynet.infer"
+    alpha: float = 16.0
+    beta: float = 8.0
+    logt: int = 8
+    walk: str = "sparse"
+    crf_t: int = 0
+    crf: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self._number("alpha", 0.0)
+        self._number("beta", 0.0, lo_open=True)
+        self._integer("logt", 0)
+        self._integer("crf_t", 0)
+        if self.walk not in WALKS:
+            self._fail("walk", f"must be one of {', '.join(WALKS)}")
+        if not isinstance(self.crf, Mapping):
+            self._fail("crf", "must be a mapping of CRF keyword arguments")
+        unknown = sorted(set(self.crf) - (_PSA_CRF_KEYS - {"t"}))
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in affinitynet.infer.crf; valid keys: "
+                             f"{', '.join(sorted(_PSA_CRF_KEYS - {'t'}))}")
+
+
+#: Per-paper settings (docs/affinitynet.md): the ``affinitynet`` config values each official code base
+#: runs with. ``psa``: the ``jiwoon-ahn/psa`` README (ResNet-38, alphas 4/16/32, beta 8, t = 256);
+#: ``aeft``: ``KAIST-vilab/AEFT`` README ``--low 2 --high 21 --dup 19`` and ``infer_aff.py`` (beta 8,
+#: logt 6, PSA CRF t = 1 after the walk; lr 0.01, initialised from the trained CAM network);
+#: ``hfpl``: ``arvijj/hfpl`` ``run_voc.sh`` (CRF alphas 1/24, walk alpha 6, beta 8, logt 6, no CRF;
+#: lr 0.01, ImageNet initialisation).
+PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
+    "psa": {
+        "label": {"low_alpha": 4.0, "high_alpha": 32.0},
+        "train": {"lr": 0.1, "pretrained": "imagenet"},
+        "infer": {"alpha": 16.0, "beta": 8.0, "logt": 8, "crf_t": 0},
+    },
+    "aeft": {
+        "label": {"low_alpha": 2.0, "high_alpha": 21.0},
+        "train": {"lr": 0.01, "pretrained": "classifier"},
+        "infer": {"alpha": 19.0, "beta": 8.0, "logt": 6, "crf_t": 1},
+    },
+    "hfpl": {
+        "label": {"low_alpha": 1.0, "high_alpha": 24.0},
+        "train": {"lr": 0.01, "pretrained": "imagenet", "seed": 1},
+        "infer": {"alpha": 6.0, "beta": 8.0, "logt": 6, "crf_t": 0},
+    },
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# training labels (voc12/data.py::VOC12AffDataset)
+# ----------------------------------------------------------------------------------------------
+
+
+def psa_label(la: Any, ha: Any, valid: Optional[Any] = None) -> np.ndarray:
+    """The PSA training label from the low-alpha (``la``) and high-alpha (``ha``) CRF label maps
+    (reference ``VOC12AffDataset.__getitem__``): ``la`` where ``la`` is foreground, 255 where ``la``
+    is background, then 0 where ``ha`` is background, then 255 where there is no score (``valid``
+    False, or 255 in either map — the reference's zero-padded crop border).
+
+    A small ``alpha`` gives a large background score, so the low-alpha CRF's foreground is confident
+    foreground; a large ``alpha`` gives a small background score, so the high-alpha CRF's background
+    is confident background. Labels may be label ids or key indices (only equality matters later).
+    Returns uint8 of the maps' shape.
+    """
+    la = np.asarray(la)
+    ha = np.asarray(ha)
+    if la.shape != ha.shape:
+        raise ValueError(f"psa_label: low-alpha label {la.shape} and high-alpha label {ha.shape} differ in shape")
+    if la.size and (la.min() < 0 or la.max() > IGNORE or ha.min() < 0 or ha.max() > IGNORE):
+        raise ValueError("psa_label: labels must lie in [0, 255]")
+    out = la.astype(np.uint8).copy()
+    out[la == 0] = IGNORE
+    out[ha == 0] = 0
+    out[(la == IGNORE) | (ha == IGNORE)] = IGNORE
+    if valid is not None:
+        valid = np.asarray(valid, dtype=bool)
+        if valid.shape != la.shape:
+            raise ValueError(f"psa_label: valid mask {valid.shape} does not match the labels {la.shape}")
+        out[~valid] = IGNORE
+    return out
+
+
+def downsample_scores(scores: Any, stride: int) -> np.ndarray:
+    """``C × H × W`` score maps averaged over ``stride × stride`` blocks (reference
+    ``tool/imutils.py::AvgPool2d`` = ``skimage.measure.block_reduce(…, np.mean)``): the maps are
+    zero-padded at the bottom/right to a multiple of ``stride`` and every block is averaged over
+    all ``stride²`` cells. Returns float32 ``C × ceil(H/s) × ceil(W/s)``."""
+    s = np.asarray(scores, dtype=np.float32)
+    if s.ndim != 3:
+        raise ValueError(f"downsample_scores: scores must have shape (C, H, W), got {s.shape}")
+    stride = int(stride)
+    if stride < 1:
+        raise ValueError(f"downsample_scores: stride must be >= 1, got {stride}")
+    c, h, w = s.shape
+    hs, ws = -(-h // stride), -(-w // stride)
+    s = np.pad(s, ((0, 0), (0, hs * stride - h), (0, ws * stride - w)))
+    return s.reshape(c, hs, stride, ws, stride).mean(axis=(2, 4), dtype=np.float64).astype(np.float32)
+
+
+def downsample_label(label: Any, stride: int) -> np.ndarray:
+    """A label map downsampled as the reference downsamples the CRF scores: one-hot planes (255
+    contributes to none), :func:`downsample_scores`, argmax (ties → the smaller label), 255 where a
+    block holds no scored pixel (``max < 1e-5``, the reference's ``no_score_region``). With one-hot
+    CRF outputs this is exactly the reference's pooling: each block takes its most frequent label."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"downsample_label: label must have shape (H, W), got {label.shape}")
+    values = np.unique(label[label != IGNORE])
+    hs, ws = -(-label.shape[0] // int(stride)), -(-label.shape[1] // int(stride))
+    if values.size == 0:
+        return np.full((hs, ws), IGNORE, np.uint8)
+    onehot = (label[None] == values[:, None, None]).astype(np.float32)
+    pooled = downsample_scores(onehot, stride)
+    out = values[pooled.argmax(0)].astype(np.uint8)
+    out[pooled.max(0) < 1e-5] = IGNORE
+    return out
+
+
+def psa_training_label(la: Any, ha: Any, stride: int = 8) -> np.ndarray:
+    """The PSA training label on the feature grid from two full-resolution CRF label maps (255 =
+    no score, e.g. crop padding): each map downsampled by :func:`downsample_label`, then combined
+    by :func:`psa_label` (the reference pools and takes the argmax of each score stack first and
+    combines afterwards). Returns uint8 ``ceil(H/s) × ceil(W/s)``."""
+    return psa_label(downsample_label(la, stride), downsample_label(ha, stride))
+
+
+def crf_label_pair(img: np.ndarray, high_res: np.ndarray, keys: Sequence[int], params: Union[AffinityLabelParams, Mapping[str, Any], None] = None,
+                   crf_fn: Optional[Callable[..., Tuple[np.ndarray, np.ndarray]]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """The low-alpha and high-alpha CRF label maps of one image (``infer_cls.py`` of PSA: "CRF with
+    alpha" at ``low_alpha`` and ``high_alpha``; default ``crf_fn`` :func:`wsss.refine.crf.crf_with_alpha`).
+    Returns ``(la, ha)``, uint8 label ids ``H × W``."""
+    p = AffinityLabelParams.from_mapping(params)
+    if crf_fn is None:
+        from .crf import crf_with_alpha as crf_fn  # lazy: pydensecrf only for this step
+    la = crf_fn(img, high_res, keys, p.low_alpha, **dict(p.crf))[1]
+    ha = crf_fn(img, high_res, keys, p.high_alpha, **dict(p.crf))[1]
+    return np.asarray(la, np.uint8), np.asarray(ha, np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# pixel pairs, pair labels, affinities and the loss (tool/pyutils.py, train_aff.py)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairIndex:
+    """Pixel pairs within ``radius`` on an ``size = (h, w)`` grid (reference
+    ``get_indices_of_pairs``): ``directions`` ``[D, 2]`` (dy, dx) in the reference order (the
+    forward half plane with ``dy² + dx² < r²``: 34 for r = 5), sources ``src`` ``[M]`` = the pixels
+    ``y ∈ [0, h − rf)``, ``x ∈ [rf, w − rf)`` (flat ``y·w + x``; ``rf = r − 1``), destinations
+    ``dst`` ``[D, M]`` = source + direction. Each unordered pair appears at most once; pixels in the
+    bottom ``rf`` rows or the left/right ``rf`` columns are never sources (so pairs among them are
+    missing, as in the reference). A grid too small for any source has ``M = 0``."""
+
+    radius: int
+    size: Tuple[int, int]
+    directions: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+
+    @property
+    def radius_floor(self) -> int:
+        return radius_floor(self.radius)
+
+    @property
+    def source_shape(self) -> Tuple[int, int]:
+        rf = self.radius_floor
+        return max(self.size[0] - rf, 0), max(self.size[1] - 2 * rf, 0)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.dst.size)
+
+    def tensors(self, device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.as_tensor(self.src, device=device), torch.as_tensor(self.dst, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def psa_pairs(size: Tuple[int, int], radius: int = 5) -> PairIndex:
+    """The :class:`PairIndex` of an ``(h, w)`` grid (cached)."""
+    h, w = int(size[0]), int(size[1])
+    rf = radius_floor(radius)
+    dirs = np.array(search_directions(radius), dtype=np.int64).reshape(-1, 2)
+    hs, ws = max(h - rf, 0), max(w - 2 * rf, 0)
+    ys = np.arange(hs, dtype=np.int64)
+    xs = np.arange(rf, rf + ws, dtype=np.int64)
+    src = (ys[:, None] * w + xs[None, :]).ravel()
+    dst = src[None, :] + (dirs[:, 0] * w + dirs[:, 1])[:, None]
+    return PairIndex(int(radius), (h, w), dirs, src, dst)
+
+
+def affinity_pair_labels(label: Any, pairs: PairIndex, ignore_index: int = IGNORE) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(bg, fg, neg)`` float ``[B, D, M]`` (``[D, M]`` for a 2-D label) of every pair of ``pairs``
+    (reference ``ExtractAffinityLabelInRadius``): ``bg`` = both ends background (0); ``fg`` = both
+    ends the same foreground label, neither 255; ``neg`` = different labels, neither 255. Pairs with
+    an ignored end are in none of the three."""
+    label = torch.as_tensor(label)
+    squeeze = label.dim() == 2
+    if squeeze:
+        label = label[None]
+    if tuple(label.shape[-2:]) != tuple(pairs.size):
+        raise ValueError(f"label map {tuple(label.shape)} does not match the pair grid {pairs.size}")
+    flat = label.reshape(label.shape[0], -1).long()
+    src_i, dst_i = pairs.tensors(flat.device)
+    src = flat[:, src_i][:, None, :]
+    dst = flat[:, dst_i.reshape(-1)].view(flat.shape[0], *dst_i.shape)
+    valid = (src != ignore_index) & (dst != ignore_index)
+    pos = src == dst
+    bg = (pos & (src == 0)).float()
+    fg = (pos & (src != 0) & valid).float()
+    neg = (~pos & valid).float()
+    if squeeze:
+        return bg[0], fg[0], neg[0]
+    return bg, fg, neg
+
+
+def pair_affinity(feat: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
+    """``a_ij = exp(−mean_c |f_i − f_j|)`` for every pair (reference ``resnet38_aff.Net.forward``):
+    ``feat`` ``B × C × h × w`` → ``[B, D, M]`` (computed one direction at a time to bound memory)."""
+    if tuple(feat.shape[-2:]) != tuple(pairs.size):
+        raise ValueError(f"feature map {tuple(feat.shape)} does not match the pair grid {pairs.size}")
+    flat = feat.reshape(feat.shape[0], feat.shape[1], -1)
+    src_i, dst_i = pairs.tensors(feat.device)
+    ff = flat[:, :, src_i]
+    out = [torch.exp(-(flat[:, :, dst_i[d]] - ff).abs().mean(dim=1)) for d in range(dst_i.shape[0])]
+    if not out:
+        return flat.new_zeros((feat.shape[0], 0, pairs.src.size))
+    return torch.stack(out, dim=1)
+
+
+def affinity_loss_terms(aff: torch.Tensor, bg: torch.Tensor, fg: torch.Tensor, neg: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The unweighted PSA loss terms (``train_aff.py``), sums over the whole batch:
+    ``bg = Σ bg·(−log(a + ε)) / (Σ bg + ε)``, ``fg`` likewise, ``neg = Σ neg·(−log(1 + ε − a)) /
+    (Σ neg + ε)``, ``ε = 1e-5``. The reference total is ``bg/4 + fg/4 + neg/2``."""
+    aff = aff.float()
+    pos_elem = -torch.log(aff + EPS)
+    neg_elem = -torch.log(1.0 + EPS - aff)
+    return {
+        "bg": (bg * pos_elem).sum() / (bg.sum() + EPS),
+        "fg": (fg * pos_elem).sum() / (fg.sum() + EPS),
+        "neg": (neg * neg_elem).sum() / (neg.sum() + EPS),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# network (network/resnet38_aff.py)
+# ----------------------------------------------------------------------------------------------
+
+#: PSA's taps on ResNet-38 and the widths of their 1×1 reductions (f8_3, f8_4, f8_5).
+_PSA_TAPS = ("conv4", "conv5", "conv6")
+_PSA_WIDTHS = (64, 128, 256)
+
+
+class AffinityNetMethod(Method):
+    """AffinityNet (reference ``network/resnet38_aff.py::Net``) on any registered backbone.
+
+    Per tap ``i`` a 1×1 conv (no bias, kaiming-normal) to ``widths[i]`` channels + ELU; the maps
+    are brought to the size of the first tap (bilinear, ``align_corners=False``, cropped; ResNet-38's
+    taps all have stride 8, so nothing is resized there), concatenated (448 ch) and passed through a
+    1×1 conv ``448 → 448`` (no bias, xavier-uniform with gain 4) + ELU: the affinity features. The
+    affinity of a pixel pair within ``radius`` (5) is ``exp(−mean_c |f_i − f_j|)``.
+
+    Taps: ``conv4, conv5, conv6`` on ResNet-38 (PSA); on other backbones by default the last three
+    taps before ``out`` (``stage2, stage3, stage4`` on the ResNets, a stride-8 grid). The backbone
+    keeps its BatchNorm frozen; ``trainable_from`` ``None`` keeps the backbone's default (``b3`` on
+    ResNet-38 = PSA's ``not_training`` conv1a, b2, b2_1, b2_2). Parameter groups: ``backbone``
+    (lr × 1) and ``head`` (lr × ``head_lr_mult`` = 10, PSA's ``from_scratch_layers``). :meth:`losses`
+    returns the weighted terms ``bg``, ``fg``, ``neg`` (``bg/4 + fg/4 + neg/2``); the unweighted
+    ones of the last step are kept in ``last_components``.
+    """
+
+    name = "affinitynet"
+
+    def __init__(
+        self,
+        backbone: Union[str, Backbone] = "resnet38",
+        pretrained: Optional[str] = "none",
+        trainable_from: Optional[str] = None,
+        taps: Optional[Sequence[str]] = None,
+        widths: Sequence[int] = _PSA_WIDTHS,
+        out_channels: Optional[int] = None,
+        radius: int = 5,
+        head_lr_mult: float = 10.0,
+        bg_weight: float = 0.25,
+        fg_weight: float = 0.25,
+        neg_weight: float = 0.5,
+    ):
+        super().__init__()
+        if isinstance(backbone, str):
+            self.backbone_name = backbone
+            kw: Dict[str, Any] = {"freeze_bn": True}
+            if trainable_from is not None:
+                kw["trainable_from"] = trainable_from
+            backbone = build_backbone(backbone, pretrained=pretrained, **kw)
+        else:
+            self.backbone_name = getattr(backbone, "arch", type(backbone).__name__)
+        self.backbone = backbone
+        self.trainable_from_arg = trainable_from
+        names = [n for n in backbone.tap_channels if n != "out"]
+        if taps is None:
+            taps = _PSA_TAPS if all(t in backbone.tap_channels for t in _PSA_TAPS) else tuple(names[-3:])
+        taps = tuple(taps)
+        unknown = [t for t in taps if t not in backbone.tap_channels]
+        if unknown:
+            raise ValueError(f"AffinityNet: unknown tap(s) {unknown} for backbone {self.backbone_name!r}; "
+                             f"valid: {', '.join(backbone.tap_channels)}")
+        widths = tuple(int(w) for w in widths)
+        if len(widths) != len(taps):
+            if len(taps) == len(_PSA_WIDTHS):
+                widths = _PSA_WIDTHS
+            else:
+                raise ValueError(f"AffinityNet: {len(widths)} widths for {len(taps)} taps")
+        self.taps, self.widths = taps, widths
+        self.reduce = nn.ModuleList([nn.Conv2d(backbone.tap_channels[t], w, 1, bias=False) for t, w in zip(taps, widths)])
+        total = sum(widths)
+        self.out_channels = int(out_channels or total)
+        self.f9 = nn.Conv2d(total, self.out_channels, 1, bias=False)
+        for conv in self.reduce:
+            nn.init.kaiming_normal_(conv.weight)
+        nn.init.xavier_uniform_(self.f9.weight, gain=4)
+        strides = [backbone.tap_strides[t] for t in taps]
+        self.feature_stride = int(strides[0])
+        #: input sizes are padded to a multiple of this (PSA: 8) so every tap's grid divides evenly
+        self.pad_multiple = int(max(strides))
+        self.radius = int(radius)
+        self.head_lr_mult = float(head_lr_mult)
+        self.loss_weights = {"bg": float(bg_weight), "fg": float(fg_weight), "neg": float(neg_weight)}
+        self.last_components: Dict[str, float] = {}
+
+    # -- structure ----------------------------------------------------------------------------
+    def head_modules(self) -> List[nn.Module]:
+        return list(self.reduce) + [self.f9]
+
+    def param_groups(self) -> List[Dict[str, Any]]:
+        return [
+            {"name": "backbone", "params": [p for p in self.backbone.parameters() if p.requires_grad], "lr_mult": 1.0},
+            {"name": "head", "params": [p for m in self.head_modules() for p in m.parameters()], "lr_mult": self.head_lr_mult},
+        ]
+
+    def arch(self) -> Dict[str, Any]:
+        """What :func:`AffinityNetMethod` needs to be rebuilt (stored in a model file)."""
+        return {"backbone": self.backbone_name, "trainable_from": self.trainable_from_arg, "taps": list(self.taps),
+                "widths": list(self.widths), "out_channels": self.out_channels, "radius": self.radius,
+                "head_lr_mult": self.head_lr_mult, "bg_weight": self.loss_weights["bg"],
+                "fg_weight": self.loss_weights["fg"], "neg_weight": self.loss_weights["neg"]}
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinity features ``B × out_channels × h × w`` (``h, w`` = the first tap's grid)."""
+        d = self.backbone.forward_dict(x)
+        feats = [F.elu(conv(d[t])) for conv, t in zip(self.reduce, self.taps)]
+        size = tuple(feats[0].shape[-2:])
+        for i in range(1, len(feats)):
+            if tuple(feats[i].shape[-2:]) != size:
+                f = feats[i]
+                scale = self.backbone.tap_strides[self.taps[i]] // self.feature_stride
+                f = F.interpolate(f, scale_factor=scale, mode="bilinear", align_corners=False) if scale > 1 else f
+                f = f[..., : size[0], : size[1]]
+                if tuple(f.shape[-2:]) != size:
+                    f = F.pad(f, (0, size[1] - f.shape[-1], 0, size[0] - f.shape[-2]), mode="replicate")
+                feats[i] = f
+        return F.elu(self.f9(torch.cat(feats, dim=1)))
+
+    def affinities(self, x: torch.Tensor) -> Tuple[torch.Tensor, PairIndex]:
+        """``([B, D, M] pair affinities, PairIndex)`` of an image batch."""
+        feat = self(x)
+        pairs = psa_pairs(tuple(feat.shape[-2:]), self.radius)
+        return pair_affinity(feat.float(), pairs), pairs
+
+    # -- training -----------------------------------------------------------------------------
+    def losses(self, batch: Dict[str, Any], ctx: StepContext) -> Dict[str, torch.Tensor]:
+        aff, pairs = self.affinities(batch["image"])
+        label = batch["label"]
+        if tuple(label.shape[-2:]) != pairs.size:
+            raise ValueError(f"AffinityNet label {tuple(label.shape[-2:])} does not match the feature grid {pairs.size} of a "
+                             f"{tuple(batch['image'].shape[-2:])} crop")
+        raw = affinity_loss_terms(aff, *affinity_pair_labels(label, pairs))
+        self.last_components = {k: float(v.detach()) for k, v in raw.items()}
+        return {k: self.loss_weights[k] * v for k, v in raw.items()}
+
+
+class AffinityTrainSet(torch.utils.data.Dataset):
+    """AffinityNet training crops (reference ``VOC12AffDataset`` with ``train_aff.py``'s transforms);
+    call :meth:`set_epoch` per epoch.
+
+    Per sample, with the RNG of (seed, epoch, index): colour jitter of the image (``color_jitter``
+    strengths, always applied as torchvision's ``ColorJitter``; PSA: 0.3, 0.3, 0.3, 0.1), ImageNet
+    normalisation, joint horizontal flip, joint random ``crop_size`` crop (image padded with 0, the
+    two CRF label maps with 255 = no score), then the PSA label on the feature grid
+    (:func:`psa_training_label`, stride ``stride``). No random rescale (PSA has none).
+    ``load_pair(image_id)`` returns the ``(la, ha)`` label maps at image resolution. Returns
+    ``image`` (float32 ``3 × crop × crop``), ``label`` (int64 ``crop/stride`` square), ``index``, ``id``.
+    """
+
+    def __init__(self, ds: Any, ids: Sequence[str], load_pair: Callable[[str], Tuple[np.ndarray, np.ndarray]],
+                 crop_size: int = 448, stride: int = 8, hflip: bool = True,
+                 color_jitter: Optional[Sequence[float]] = (0.3, 0.3, 0.3, 0.1), seed: int = 0):
+        if crop_size % stride:
+            raise ValueError(f"crop_size {crop_size} must be a multiple of the feature stride {stride}")
+        self.ds, self.ids, self.load_pair = ds, list(ids), load_pair
+        self.crop_size, self.stride, self.hflip, self.seed = int(crop_size), int(stride), bool(hflip), int(seed)
+        self.color_jitter = None if color_jitter is None else tuple(color_jitter)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        from ..data.classification import sample_rng
+        from ..data.transforms import color_jitter, normalize, random_crop
+
+        image_id = self.ids[index]
+        img = self.ds.load_image(image_id)
+        la, ha = self.load_pair(image_id)
+        if la.shape != img.shape[:2] or ha.shape != img.shape[:2]:
+            raise ValueError(f"CRF labels of {image_id!r} have sizes {la.shape}, {ha.shape}; the image {img.shape[:2]}")
+        rng = sample_rng(self.seed, self.epoch, index)
+        if self.color_jitter is not None and any(self.color_jitter):
+            img = color_jitter(img, self.color_jitter, 1.0, rng)
+        x = normalize(img)
+        if self.hflip and rng.random() < 0.5:
+            x, la, ha = x[:, ::-1], la[:, ::-1], ha[:, ::-1]
+        x, la, ha = random_crop([x, la, ha], self.crop_size, rng, pad_values=[0.0, IGNORE, IGNORE])
+        label = psa_training_label(la, ha, self.stride)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
+            "label": torch.from_numpy(label.astype(np.int64)),
+            "index": index,
+            "id": image_id,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# random walk (infer_aff.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def psa_cam_scores(high_res: Any, alpha: float, stride: int = 8, padded_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """The walk's input (reference ``infer_aff.py``): background ``(1 − max_k CAM_k)^alpha`` stacked
+    before the ``K`` CAMs (``K × H × W`` in [0, 1]) at image resolution, zero-padded at the bottom/right
+    to ``padded_size`` (default: a multiple of ``stride``), averaged over ``stride × stride`` blocks.
+    Returns float32 ``(K+1) × hp/s × wp/s``. ``K = 0`` gives background 1 (the reference's max over
+    all-zero planes)."""
+    cams = np.asarray(high_res, dtype=np.float32)
+    if cams.ndim != 3:
+        raise ValueError(f"psa_cam_scores: high_res must have shape (K, H, W), got {cams.shape}")
+    k, h, w = cams.shape
+    if padded_size is None:
+        padded_size = (-(-h // stride) * stride, -(-w // stride) * stride)
+    hp, wp = int(padded_size[0]), int(padded_size[1])
+    if hp < h or wp < w or hp % stride or wp % stride:
+        raise ValueError(f"psa_cam_scores: padded size {(hp, wp)} must hold {(h, w)} and be a multiple of {stride}")
+    full = np.zeros((k + 1, hp, wp), np.float32)
+    full[1:, :h, :w] = cams
+    mx = cams.max(axis=0) if k else np.zeros((h, w), np.float32)
+    full[0, :h, :w] = np.power(np.clip(1.0 - mx, 0.0, None), np.float32(alpha))
+    return downsample_scores(full, stride)
+
+
+def _check_walk(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float, logt: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    cam = torch.as_tensor(cam)
+    aff = torch.as_tensor(aff)
+    if cam.dim() != 3 or tuple(cam.shape[1:]) != tuple(pairs.size):
+        raise ValueError(f"random walk: cam must have shape (C, {pairs.size[0]}, {pairs.size[1]}), got {tuple(cam.shape)}")
+    if aff.dim() == 3 and aff.shape[0] == 1:
+        aff = aff[0]
+    if tuple(aff.shape) != tuple(pairs.dst.shape):
+        raise ValueError(f"random walk: affinities {tuple(aff.shape)} do not match the pairs {tuple(pairs.dst.shape)}")
+    if not (_is_number(beta) and beta > 0):
+        raise ValueError(f"random walk: beta must be a finite number > 0, got {beta!r}")
+    if isinstance(logt, bool) or int(logt) != logt or logt < 0:
+        raise ValueError(f"random walk: logt must be an integer >= 0, got {logt!r}")
+    if not torch.is_floating_point(cam):
+        cam = cam.float()
+    return cam, aff.to(device=cam.device, dtype=cam.dtype)
+
+
+def dense_affinity_matrix(aff: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
+    """The reference ``to_dense`` affinity matrix ``N × N``: ``a`` at (source, destination) and its
+    transpose, 1 on the diagonal, 0 elsewhere."""
+    h, w = pairs.size
+    n = h * w
+    src_i, dst_i = pairs.tensors(aff.device)
+    mat = torch.zeros(n, n, dtype=aff.dtype, device=aff.device)
+    src = src_i.expand(dst_i.shape[0], -1).reshape(-1)
+    dst = dst_i.reshape(-1)
+    vals = aff.reshape(-1)
+    mat[src, dst] = vals
+    mat[dst, src] = vals
+    diag = torch.arange(n, device=aff.device)
+    mat[diag, diag] = 1.0
+    return mat
+
+
+def random_walk_dense(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0, logt: int = 8) -> torch.Tensor:
+    """The reference walk (``infer_aff.py``): ``A = aff^β`` (dense, identity diagonal), ``T = A /
+    colsum(A)``, ``T ← T·T`` ``logt`` times (``T^(2^logt)``), ``rw = cam_vec · T``. ``cam``
+    ``C × h × w`` → ``C × h × w``. Memory ``O(N²)``, time ``O(logt · N³)``: for tests only."""
+    cam, aff = _check_walk(cam, aff, pairs, beta, logt)
+    c, h, w = cam.shape
+    trans = dense_affinity_matrix(aff, pairs).pow(beta)
+    trans = trans / trans.sum(dim=0, keepdim=True)
+    for _ in range(int(logt)):
+        trans = trans @ trans
+    return (cam.reshape(c, h * w) @ trans).view(c, h, w)
+
+
+def transition_stencil(aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0) -> Tuple[List[Tuple[int, int]], torch.Tensor, torch.Tensor]:
+    """The column-normalised transition ``T`` as a stencil: ``(offsets, weights, self_weight)`` with
+    ``weights[j, y, x] = T[(y, x) + offsets[j] → (y, x)]`` (0 where that pair does not exist) and
+    ``self_weight = T[(y, x) → (y, x)]``; one walk step is ``x'[p] = self_weight[p]·x[p] +
+    Σ_j weights[j, p]·x[p + offsets[j]]``. Offsets: ``+d`` for each direction (the pixel as a source)
+    and ``−d`` (the pixel as a destination)."""
+    h, w = pairs.size
+    hs, ws = pairs.source_shape
+    rf = pairs.radius_floor
+    n_dir = pairs.dst.shape[0]
+    a = aff.reshape(n_dir, hs, ws).pow(beta)
+    fwd = aff.new_zeros((n_dir, h, w))  # fwd[d, p] = A^β[p, p + d], p a source
+    fwd[:, :hs, rf : rf + ws] = a
+    bwd = torch.zeros_like(fwd)  # bwd[d, p] = A^β[p − d, p] = fwd[d, p − d]
+    dirs = [tuple(int(v) for v in d) for d in pairs.directions]
+    for i, (dy, dx) in enumerate(dirs):
+        if dy >= h or abs(dx) >= w:
+            continue
+        bwd[i, dy:, max(dx, 0) : w + min(dx, 0)] = fwd[i, : h - dy, max(-dx, 0) : w - max(dx, 0)]
+    colsum = 1.0 + fwd.sum(0) + bwd.sum(0)
+    offsets = dirs + [(-dy, -dx) for dy, dx in dirs]
+    return offsets, torch.cat([fwd, bwd], 0) / colsum, 1.0 / colsum
+
+
+def random_walk_sparse(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0, logt: int = 8,
+                       dtype: Optional[torch.dtype] = torch.float64) -> torch.Tensor:
+    """The same walk without any ``N × N`` matrix: ``2^logt`` stencil steps ``x ← x·T``
+    (:func:`transition_stencil`), i.e. ``cam · T^(2^logt)`` — the reference squares ``T`` ``logt``
+    times, which is the same number of steps. Time ``O(2^logt · D · C · N)``, memory ``O(D · N)``.
+    ``dtype``: the walk's precision (default float64; ``None`` = the cam's dtype). Returns the cam's
+    dtype."""
+    cam, aff = _check_walk(cam, aff, pairs, beta, logt)
+    out_dtype = cam.dtype
+    if dtype is not None:
+        cam, aff = cam.to(dtype), aff.to(dtype)
+    c, h, w = cam.shape
+    offsets, weights, self_w = transition_stencil(aff, pairs, beta)
+    r = pairs.radius_floor
+    x = cam
+    views = [(r + oy, r + ox) for oy, ox in offsets]
+    for _ in range(2 ** int(logt)):
+        xp = F.pad(x, (r, r, r, r))
+        out = x * self_w
+        for j, (y0, x0) in enumerate(views):
+            out.addcmul_(weights[j], xp[:, y0 : y0 + h, x0 : x0 + w])
+        x = out
+    return x.to(out_dtype)
+
+
+def random_walk(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0, logt: int = 8,
+                method: str = "sparse") -> torch.Tensor:
+    """Dispatch to :func:`random_walk_sparse` (default) or :func:`random_walk_dense`."""
+    if method == "sparse":
+        return random_walk_sparse(cam, aff, pairs, beta, logt)
+    if method == "dense":
+        return random_walk_dense(cam, aff, pairs, beta, logt)
+    raise ValueError(f"unknown random-walk method {method!r}; valid: {', '.join(WALKS)}")
+
+
+@torch.no_grad()
+def affinitynet_pseudo_label(
+    method: AffinityNetMethod,
+    img: np.ndarray,
+    high_res: np.ndarray,
+    keys: Sequence[int],
+    params: Union[AffinityInferParams, Mapping[str, Any], None] = None,
+    device: Optional[torch.device] = None,
+    crf_fn: Optional[Callable[..., np.ndarray]] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Pseudo-label of one image (reference ``infer_aff.py``): the image is zero-padded (after
+    normalisation) at the bottom/right to a multiple of ``method.pad_multiple`` (PSA: 8), the pair
+    affinities of its feature grid and :func:`psa_cam_scores` of ``high_res`` (``K × H × W`` CAMs in
+    [0, 1] of the classes ``keys``) are walked, the result upsampled bilinearly
+    (``align_corners=False``) to the padded size; with ``crf_t > 0`` the PSA CRF runs on it (AEFT:
+    ``t = 1``, on the padded image whose padding has the mean colour); the argmax, cropped to
+    ``H × W``, mapped to label ids ``[0] + (keys + 1)``. Returns ``(labels uint8 H × W, scores
+    float32 (K+1) × H × W)``."""
+    p = AffinityInferParams.from_mapping(params)
+    from ..data.transforms import normalize
+
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    h, w = img.shape[:2]
+    high_res = np.asarray(high_res, dtype=np.float32)
+    if high_res.shape != (len(keys), h, w):
+        raise ValueError(f"high_res must have shape (K={len(keys)}, {h}, {w}), got {high_res.shape}")
+    device = device or next(method.parameters()).device
+    method.eval()
+    m = method.pad_multiple
+    hp, wp = -(-h // m) * m, -(-w // m) * m
+    x = torch.from_numpy(np.ascontiguousarray(normalize(np.asarray(img)).transpose(2, 0, 1)))[None]
+    x = F.pad(x, (0, wp - w, 0, hp - h)).to(device)
+    aff, pairs = method.affinities(x)
+    s = method.feature_stride
+    if pairs.size != (hp // s, wp // s):
+        raise ValueError(f"AffinityNet feature grid {pairs.size} is not the padded size {(hp, wp)} / stride {s}")
+    cam = torch.from_numpy(psa_cam_scores(high_res, p.alpha, s, (hp, wp))).to(device)
+    rw = random_walk(cam, aff[0], pairs, p.beta, p.logt, method=p.walk).float()
+    up = F.interpolate(rw[None], size=(hp, wp), mode="bilinear", align_corners=False)[0]
+    scores = up.cpu().numpy()
+    if p.crf_t > 0 and len(keys):
+        if crf_fn is None:
+            from .crf import deeplab_crf as crf_fn  # lazy: pydensecrf only for this step
+        pairwise = {"gauss_sxy": 3, "gauss_compat": 3, "bi_sxy": 80, "bi_srgb": 13, "bi_compat": 10}
+        pairwise.update(dict(p.crf))
+        canvas = np.empty((hp, wp, 3), np.uint8)
+        canvas[:] = np.asarray(_PAD_COLOUR, np.uint8)
+        canvas[:h, :w] = img
+        scores = np.asarray(crf_fn(canvas, np.ascontiguousarray(scores, dtype=np.float32), t=p.crf_t,
+                                   pos_w=pairwise["gauss_compat"], pos_xy_std=pairwise["gauss_sxy"], bi_w=pairwise["bi_compat"],
+                                   bi_xy_std=pairwise["bi_sxy"], bi_rgb_std=pairwise["bi_srgb"]), np.float32)
+    scores = np.ascontiguousarray(scores[:, :h, :w], dtype=np.float32)
+    lut = np.concatenate([[0], keys + 1]).astype(np.uint8)
+    return lut[scores.argmax(0)], scores
