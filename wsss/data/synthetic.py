@@ -130,6 +130,19 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "min_visible_pixels": 4,
         "distractors": [2, 5],
     },
+    # PASCAL VOC's size (train_aug 10,582 / train 1,464 / val 1,449 images, ~500 x 375): a scale
+    # rehearsal for benchmarks (bench/scale_rehearsal.py), not a pipeline to run on a laptop
+    "voc_scale": {
+        **_DEFAULT,
+        "num_classes": 12,
+        "n_train_aug": 10582,
+        "n_train": 1464,
+        "n_val": 1449,
+        "long_side": [500, 500],
+        "short_ratio": [0.66, 0.8],
+        "min_visible_pixels": 32,
+        "boundary_width": 5,
+    },
 }
 
 
