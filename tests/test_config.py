@@ -221,6 +221,9 @@ def test_schema_enums_match_the_code():
 
     props = yaml.safe_load((REPO / "wsss" / "schemas" / "config.schema.yaml").read_text())["properties"]
     assert sorted(props["crf"]["properties"]["mode"]["enum"]) == sorted(crf.MODES)
+    from wsss.cam_infer import UPSAMPLE_AUTO, UPSAMPLES
+
+    assert sorted(props["cam"]["properties"]["upsample"]["enum"]) == sorted(UPSAMPLES + (UPSAMPLE_AUTO,))
     dl = props["deeplab"]["properties"]
     assert sorted(dl["model"]["enum"]) == list_seg_models()
     for key, names in [("pseudo_masks", seg_params.PSEUDO_MASK_SOURCES), ("ce_normalisation", seg_params.CE_NORMALISATIONS),

@@ -8,6 +8,17 @@ with its horizontal flip (the flip pair is one batch of 2), and the method's ReL
 IRN). Only the image's ground-truth classes are kept (``keys``), each normalised per class:
 ``max`` (IRN: ``m / (max + 1e-5)``) or ``minmax`` (AEFT/ACR/KTSE ``max_norm``:
 ``relu(m - min - 1e-5) / (max - min + 1e-5)``).
+
+Where the ReLU sits relative to the resizing is ``cam.upsample`` (:data:`UPSAMPLES`):
+
+* ``relu_then_raw`` (IRN ``make_cam``): the method's ReLU'd CAM (:meth:`Method.cam`) at feature
+  resolution is resized on the strided grid described above (``high_res`` on the
+  ``ceil(H/os)*os`` grid, then cropped);
+* ``raw_then_relu`` (the ``infer_multi``/``infer`` of the PSA-derived AEFT, KTSE and ACR code): the
+  raw, pre-ReLU CAM (:meth:`Method.raw_cam`) of each view is resized bilinearly
+  (``align_corners=False``) straight to ``H x W`` (``high_res``) and to ``ceil(H/4) x ceil(W/4)``
+  (``cam``), ReLU'd there, and the flip undone before the views are summed;
+* ``auto``: the method's own default, its attribute ``cam_upsample`` (:func:`resolve_upsample`).
 """
 
 from __future__ import annotations
@@ -31,6 +42,19 @@ from .methods.base import Method
 log = logging.getLogger(__name__)
 
 NORMALISATIONS = ("max", "minmax")
+#: Orders of ReLU and resizing (module docstring); ``auto`` in the config picks the method's own.
+UPSAMPLES = ("relu_then_raw", "raw_then_relu")
+UPSAMPLE_AUTO = "auto"
+
+
+def resolve_upsample(method: Method, upsample: str = UPSAMPLE_AUTO) -> str:
+    """``upsample`` itself, or for ``auto`` the method's default ``method.cam_upsample`` (the order
+    of its official inference code; ``relu_then_raw`` where a method does not say)."""
+    if upsample == UPSAMPLE_AUTO:
+        upsample = getattr(method, "cam_upsample", "relu_then_raw")
+    if upsample not in UPSAMPLES:
+        raise ValueError(f"unknown cam.upsample {upsample!r}; valid: {', '.join(UPSAMPLES + (UPSAMPLE_AUTO,))}")
+    return upsample
 
 
 def normalise_maps(maps: torch.Tensor, mode: str) -> torch.Tensor:
@@ -52,8 +76,14 @@ def strided_size(size: Tuple[int, int], stride: int) -> Tuple[int, int]:
 
 
 @torch.no_grad()
-def fused_cams(method: Method, views: Sequence[torch.Tensor], size: Tuple[int, int], keys: np.ndarray, normalisation: str, device: torch.device):
-    """Fuse the multi-scale (flip-pair) views of one image into (``cam``, ``high_res``) numpy maps."""
+def fused_cams(
+    method: Method, views: Sequence[torch.Tensor], size: Tuple[int, int], keys: np.ndarray, normalisation: str, device: torch.device,
+    upsample: str = "relu_then_raw",
+):
+    """Fuse the multi-scale (flip-pair) views of one image into (``cam``, ``high_res``) numpy maps;
+    ``upsample``: where the ReLU sits (module docstring; ``auto`` = the method's default)."""
+    if resolve_upsample(method, upsample) == "raw_then_relu":
+        return _fused_raw_then_relu(method, views, size, keys, normalisation, device)
     h, w = size
     os_ = method.output_stride
     low_size = strided_size(size, 4)
@@ -69,6 +99,23 @@ def fused_cams(method: Method, views: Sequence[torch.Tensor], size: Tuple[int, i
         low += F.interpolate(o, low_size, mode="bilinear", align_corners=False)[0]
         high += F.interpolate(o, up_size, mode="bilinear", align_corners=False)[0]
     high = high[:, :h, :w]
+    low = normalise_maps(low, normalisation)
+    high = normalise_maps(high, normalisation)
+    return low.cpu().numpy(), high.cpu().numpy()
+
+
+@torch.no_grad()
+def _fused_raw_then_relu(method: Method, views: Sequence[torch.Tensor], size: Tuple[int, int], keys: np.ndarray, normalisation: str, device: torch.device):
+    """``raw_then_relu`` fusion: per view ``relu(bilinear(raw CAM, map size))``, flip undone, summed."""
+    low_size = strided_size(size, 4)
+    keys_t = torch.as_tensor(keys, dtype=torch.long, device=device)
+    low = torch.zeros((len(keys),) + low_size, device=device)
+    high = torch.zeros((len(keys),) + tuple(size), device=device)
+    for v in views:
+        raw = method.raw_cam(v.to(device))[:, keys_t].float()
+        for acc, s in ((low, low_size), (high, tuple(size))):
+            up = F.relu(F.interpolate(raw, s, mode="bilinear", align_corners=False))
+            acc += up[0] + up[1].flip(-1) if up.shape[0] == 2 else up[0]
     low = normalise_maps(low, normalisation)
     high = normalise_maps(high, normalisation)
     return low.cpu().numpy(), high.cpu().numpy()
@@ -93,6 +140,7 @@ def infer_cams(
     flip: bool,
     normalisation: str,
     resolved_config: Mapping[str, Any],
+    upsample: str = UPSAMPLE_AUTO,
     shard_index: int = 0,
     num_shards: int = 1,
     device: torch.device | None = None,
@@ -105,9 +153,11 @@ def infer_cams(
     ``skipped``: ids of this shard left out on purpose (unlabelled images), recorded in the shard
     (:attr:`wsss.cams.CamStore.skipped`) so later stages leave them out too. An id of ``ids``
     without any image-level label raises :class:`wsss.io.DataError` (its CAM would have no
-    channel) or without a row in ``labels``."""
+    channel) or without a row in ``labels``. ``upsample``: ``cam.upsample`` (module docstring)."""
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown CAM normalisation {normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
+    upsample = resolve_upsample(method, upsample)
+    log.info("CAM inference: %s, %s normalisation", upsample, normalisation)
     select_labelled(ids, labels, "error")  # names missing and unlabelled images
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method.to(device).eval()
@@ -119,7 +169,7 @@ def infer_cams(
     ) as writer:
         for (sample,) in tqdm(loader, desc=f"CAM shard {shard_index + 1}/{num_shards}", disable=not progress, mininterval=2.0):
             keys = np.nonzero(sample["label"])[0]
-            low, high = fused_cams(method, sample["views"], tuple(sample["size"]), keys, normalisation, device)
+            low, high = fused_cams(method, sample["views"], tuple(sample["size"]), keys, normalisation, device, upsample)
             writer.add(sample["id"], keys, low, high)
     log.info("wrote %d CAMs to %s", len(ids), out_path)
     return Path(out_path)

@@ -130,6 +130,7 @@ def infer_cam_shard(cfg: Mapping[str, Any], model_path: str, labels_csv: str, ou
     c = cfg["cam"]
     return infer_cams(
         method, ds, ids, labels, Path(out_path), scales=c["scales"], flip=c["flip"], normalisation=c["normalisation"],
+        upsample=c["upsample"],
         resolved_config=stage_params(cfg, "cam"), shard_index=shard_index, num_shards=num_shards,
         device=device, num_workers=workers, progress=progress, skipped=skipped,
     )

@@ -321,6 +321,8 @@ class ACRMethod(Method):
     """
 
     name = "acr"
+    #: official ``infer``: raw CAM upsampled to the image size, then ReLU (wsss.cam_infer)
+    cam_upsample = "raw_then_relu"
 
     def __init__(
         self,
@@ -428,6 +430,9 @@ class ACRMethod(Method):
     # -- inference -----------------------------------------------------------------------------
     def cam(self, images: torch.Tensor) -> torch.Tensor:
         return F.relu(self.classifier(images)["cams"])
+
+    def raw_cam(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(images)["cams"]
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(images)["logits"]

@@ -149,6 +149,8 @@ class AEFTMethod(GPPMethod):
     """AEFT on the GPP classifier (module docstring; options and defaults in docs/methods/aeft.md)."""
 
     name = "aeft"
+    #: official ``infer_multi``: raw CAM upsampled to the image size, then ReLU (wsss.cam_infer)
+    cam_upsample = "raw_then_relu"
 
     def __init__(
         self,

@@ -7,6 +7,10 @@ A method owns its networks (a backbone from ``wsss.models`` plus heads) and expo
   back-propagates once and logs every term;
 * ``cam(images)``: raw class activation maps ``B x C x h x w`` (ReLU'd, at feature resolution) that
   multi-scale inference fuses; ``logits(images)``: image-level scores ``B x C``;
+* ``raw_cam(images)`` (optional): the same maps before the ReLU, for ``cam.upsample:
+  raw_then_relu``; ``cam_upsample``: the method's default order of ReLU and resizing at CAM
+  inference, ``relu_then_raw`` (IRN) or ``raw_then_relu`` (AEFT/KTSE/ACR), see
+  :mod:`wsss.cam_infer`;
 * ``batch_size_for_epoch(epoch, base)``: the batch size of an epoch (AEFT switches it; default
   constant);
 * ``train_step(batch, ctx, optimizer, scaler)`` (optional override): methods with several
@@ -51,8 +55,15 @@ class Method(nn.Module):
     def losses(self, batch: Dict[str, Any], ctx: StepContext) -> Dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    #: default of ``cam.upsample: auto`` (wsss.cam_infer): the order of the official inference code
+    cam_upsample: str = "relu_then_raw"
+
     def cam(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def raw_cam(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`cam` before its ReLU (needed by ``cam.upsample: raw_then_relu``)."""
+        raise NotImplementedError(f"method {self.name!r} has no raw (pre-ReLU) CAM; use cam.upsample: relu_then_raw")
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

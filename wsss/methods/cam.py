@@ -46,6 +46,9 @@ class CAMMethod(Method):
     def cam(self, images: torch.Tensor) -> torch.Tensor:
         return F.relu(self.classifier(self.backbone(images)))
 
+    def raw_cam(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(images))
+
     # -- ISL/FSL add-on protocol (wsss.methods.islfsl, docs/methods/islfsl.md) ------------------
     #: the loss term that is the GAP classification loss (ISL mixes with it)
     islfsl_cls_term = "cls"

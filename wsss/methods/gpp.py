@@ -228,6 +228,10 @@ class GPPMethod(Method):
         fuses (the CAM, not the GPP map; AEFT ``infer.py``)."""
         return F.relu(self.forward_all(images).cam)
 
+    def raw_cam(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`cam` before the ReLU (``cam.upsample: raw_then_relu``)."""
+        return self.forward_all(images).cam
+
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Binary cross-entropy with logits, mean over ``B x C`` (= multilabel soft margin, KTSE Eq. 2)."""
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float())

@@ -271,6 +271,14 @@ class ISLFSL(Method):
     def cam(self, images: torch.Tensor) -> torch.Tensor:
         return self.base.cam(images)
 
+    def raw_cam(self, images: torch.Tensor) -> torch.Tensor:
+        return self.base.raw_cam(images)
+
+    @property
+    def cam_upsample(self) -> str:
+        """The wrapped method's CAM inference order (the add-on does not change inference)."""
+        return self.base.cam_upsample
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.base.logits(images)
 

@@ -212,6 +212,8 @@ class KTSEMethod(GPPMethod):
 
     name = "ktse"
     _background = True
+    #: official ``infer_multi``: raw CAM upsampled to the image size, then ReLU (wsss.cam_infer)
+    cam_upsample = "raw_then_relu"
 
     def __init__(
         self,

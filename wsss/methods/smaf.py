@@ -224,6 +224,14 @@ class SMAFMethod(Method):
     def cam(self, images: torch.Tensor) -> torch.Tensor:
         return self.student.cam(images)
 
+    def raw_cam(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student.raw_cam(images)
+
+    @property
+    def cam_upsample(self) -> str:
+        """The student's CAM inference order (its CAM is what inference fuses)."""
+        return self.student.cam_upsample
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.student.logits(images)
 
