@@ -382,3 +382,100 @@ def test_params_defaults_presets_and_validation():
         AffinityInferParams(walk="fast")
     with pytest.raises(ValueError, match="color_jitter"):
         AffinityTrainParams.from_mapping({"color_jitter": [0.3, 0.3]})
+
+
+# ------------------------------------------------------------------------------------------------
+# stage functions: labels -> training -> masks
+# ------------------------------------------------------------------------------------------------
+
+
+def _cam_store(tmp_path, images, keys_of, seed=0):
+    from wsss.cams import CamShardWriter, CamStore
+
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "cams.h5"
+    with CamShardWriter(path, config={"t": 1}, scales=[1.0], normalisation="max") as w:
+        for i, img in images.items():
+            h, wd = img.shape[:2]
+            k = len(keys_of[i])
+            hr = np.zeros((k, h, wd), np.float32)
+            for j in range(k):  # one bright rectangle per class
+                y, x = int(rng.integers(0, h // 2)), int(rng.integers(0, wd // 2))
+                hr[j, y : y + h // 2, x : x + wd // 2] = 0.9
+            w.add(i, np.asarray(keys_of[i], np.int64), hr[:, ::4, ::4].copy(), hr)
+    return CamStore(path)
+
+
+def test_stages_labels_train_resume_masks(tmp_path):
+    from wsss.io import read_label_png
+    from wsss.refine.affinitynet import (
+        label_pair_paths,
+        load_affinitynet,
+        make_affinity_labels,
+        make_affinitynet_masks,
+        train_affinitynet,
+    )
+    from wsss.workflow.journal import ShardJournal
+
+    rng = np.random.default_rng(0)
+    images = {f"im{i}": rng.integers(0, 256, (70, 90, 3), dtype=np.uint8) for i in range(4)}
+    keys_of = {"im0": [1], "im1": [0, 6], "im2": [3], "im3": []}
+    store = _cam_store(tmp_path, images, keys_of)
+    ds = _FakeDS(images)
+    labels = tmp_path / "labels"
+    res = make_affinity_labels(ds, store, list(images), labels, {"low_alpha": 2, "high_alpha": 21}, progress=False,
+                               journal=ShardJournal(tmp_path / "j", {"a": 1}))
+    assert res == {"written": 4, "skipped": 0}
+    for i in images:
+        la_p, ha_p = label_pair_paths(labels, i)
+        la, ha = read_label_png(la_p), read_label_png(ha_p)
+        assert la.shape == ha.shape == (70, 90)
+        assert set(np.unique(la)) | set(np.unique(ha)) <= {0} | {k + 1 for k in keys_of[i]}
+        # a small alpha gives the larger background score: low-alpha foreground within high-alpha foreground
+        assert not ((la > 0) & (ha == 0)).any()
+    assert not read_label_png(label_pair_paths(labels, "im3")[0]).any()
+
+    params = {"backbone": "resnet18", "crop_size": 96, "batch_size": 2, "epochs": 2, "lr": 0.01, "amp": False}
+    cpu = torch.device("cpu")
+    ids = list(images)
+    tids = ids[1:3]  # two images, one batch: one step per epoch
+    full = train_affinitynet(ds, tids, labels, tmp_path / "a" / "aff.pt", tmp_path / "a", params, device=cpu, progress=False)
+    ck = train_affinitynet(ds, tids, labels, tmp_path / "b" / "aff.pt", tmp_path / "b", params, device=cpu, progress=False,
+                           stop_after_epochs=1)
+    assert ck.name == "last.pt"
+    resumed = train_affinitynet(ds, tids, labels, tmp_path / "b" / "aff.pt", tmp_path / "b", params, device=cpu, progress=False)
+    sa, sb = load_affinitynet(full, cpu).state_dict(), load_affinitynet(resumed, cpu).state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
+    import csv
+
+    with open(tmp_path / "a" / "train_log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 and {"loss_bg", "loss_fg", "loss_neg", "loss_total", "lr_head", "lr_backbone"} <= set(rows[0])
+    assert all(math.isfinite(float(r["loss_total"])) for r in rows)
+    assert float(rows[0]["lr_head"]) == pytest.approx(10 * float(rows[0]["lr_backbone"]))
+
+    out = tmp_path / "masks"
+    infer = {"alpha": 16, "beta": 8, "logt": 3}
+    journal = ShardJournal(tmp_path / "jm", {"a": 1})
+    assert make_affinitynet_masks(ds, store, ids, full, out, infer, device=cpu, progress=False, journal=journal) == {"written": 4, "skipped": 0}
+    m = load_affinitynet(full, cpu)
+    for i, img in images.items():
+        lab = read_label_png(out / f"{i}.png")
+        assert lab.shape == (70, 90) and set(np.unique(lab)) <= {0} | {k + 1 for k in keys_of[i]}
+        rec = store.get(i, ("keys", "high_res"))
+        want, _ = affinitynet_pseudo_label(m, img, rec.high_res, rec.keys, infer, cpu)
+        assert np.array_equal(lab, want)
+    assert not read_label_png(out / "im3.png").any()
+    (out / "im0.png").unlink()  # interrupted job: only the lost mask is redone
+    assert make_affinitynet_masks(ds, store, ids, full, out, infer, device=cpu, progress=False,
+                                  journal=ShardJournal(tmp_path / "jm", {"a": 1})) == {"written": 1, "skipped": 3}
+    with pytest.raises(ValueError, match="batch_size"):
+        train_affinitynet(ds, ids[:1], labels, tmp_path / "c.pt", tmp_path / "c", params, progress=False)
+    with pytest.raises(ValueError, match="classifier"):
+        train_affinitynet(ds, tids, labels, tmp_path / "c.pt", tmp_path / "c", {**params, "pretrained": "classifier"}, progress=False)
+    with pytest.raises(ValueError, match="not an AffinityNet model"):
+        from wsss.engine import save_checkpoint
+
+        save_checkpoint(tmp_path / "other.pt", model={}, method="cam")
+        load_affinitynet(tmp_path / "other.pt")

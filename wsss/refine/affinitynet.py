@@ -25,7 +25,10 @@ every deviation are in docs/affinitynet.md. Parts:
   8×8 average pooling), :func:`random_walk_dense` (the reference ``N × N`` transition matrix,
   squared ``logt`` times) and :func:`random_walk_sparse` (the same ``2^logt`` steps as a stencil,
   linear in the number of pixels), :func:`affinitynet_pseudo_label` (walk, bilinear upsampling,
-  optional PSA CRF, argmax).
+  optional PSA CRF, argmax);
+* stage functions: :func:`make_affinity_labels` (the two CRF label maps per image),
+  :func:`train_affinitynet` (:func:`wsss.engine.train`, resumable), :func:`make_affinitynet_masks`,
+  and the model file helpers :func:`save_affinitynet` / :func:`load_affinitynet`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ import dataclasses
 import functools
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -42,8 +47,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import config_hash
+from ..engine import TrainConfig, load_model_state, save_checkpoint, train
+from ..io import DataError, read_label_png, voc_palette, write_label_png
 from ..methods.base import Method, StepContext
 from ..models.backbones import Backbone, build_backbone
+from ..workflow.per_image import map_images, todo_ids
 from .path_index import radius_floor, search_directions
 
 __all__ = [
@@ -72,6 +81,13 @@ __all__ = [
     "random_walk_sparse",
     "random_walk",
     "affinitynet_pseudo_label",
+    "label_pair_paths",
+    "read_label_pair",
+    "make_affinity_labels",
+    "save_affinitynet",
+    "load_affinitynet",
+    "train_affinitynet",
+    "make_affinitynet_masks",
 ]
 
 IGNORE = 255
@@ -81,6 +97,7 @@ EPS = 1e-5
 #: way AEFT's ``infer_aff.py`` does it before the CRF: ``uint8(mean · 255)``.
 _PAD_COLOUR = (123, 116, 103)
 WALKS = ("sparse", "dense")
+_PALETTE = voc_palette()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -840,3 +857,203 @@ def affinitynet_pseudo_label(
     scores = np.ascontiguousarray(scores[:, :h, :w], dtype=np.float32)
     lut = np.concatenate([[0], keys + 1]).astype(np.uint8)
     return lut[scores.argmax(0)], scores
+
+
+# ----------------------------------------------------------------------------------------------
+# model files and stage functions
+# ----------------------------------------------------------------------------------------------
+
+
+def label_pair_paths(label_dir: Union[str, os.PathLike], image_id: str) -> Tuple[Path, Path]:
+    """``(<label_dir>/la/<id>.png, <label_dir>/ha/<id>.png)``: the low- and high-alpha CRF label maps."""
+    d = Path(label_dir)
+    return d / "la" / f"{image_id}.png", d / "ha" / f"{image_id}.png"
+
+
+def read_label_pair(label_dir: Union[str, os.PathLike], image_id: str) -> Tuple[np.ndarray, np.ndarray]:
+    la, ha = label_pair_paths(label_dir, image_id)
+    return read_label_png(la), read_label_png(ha)
+
+
+_WORKER: Dict[str, Any] = {}
+
+
+def _label_one(ds: Any, store: Any, out_dir: Path, p: AffinityLabelParams, crf_fn, image_id: str) -> str:
+    rec = store.get(image_id, fields=("keys", "high_res"))
+    img = ds.load_image(image_id)
+    if tuple(img.shape[:2]) != tuple(rec.size):
+        raise DataError(f"image {image_id!r} has size {tuple(img.shape[:2])} but its CAM has size {tuple(rec.size)}")
+    la, ha = crf_label_pair(img, rec.high_res, rec.keys, p, crf_fn)
+    la_path, ha_path = label_pair_paths(out_dir, image_id)
+    write_label_png(la_path, la, _PALETTE)
+    write_label_png(ha_path, ha, _PALETTE)
+    return image_id
+
+
+def _init_label_worker(ds, store, out_dir, p, crf_fn) -> None:
+    _WORKER.update(ds=ds, store=store, out_dir=out_dir, p=p, crf_fn=crf_fn)
+
+
+def _label_in_worker(image_id: str) -> str:
+    w = _WORKER
+    return _label_one(w["ds"], w["store"], w["out_dir"], w["p"], w["crf_fn"], image_id)
+
+
+def make_affinity_labels(
+    ds: Any,
+    store: Any,
+    ids: Sequence[str],
+    out_dir: Union[str, os.PathLike],
+    params: Union[AffinityLabelParams, Mapping[str, Any], None] = None,
+    crf_fn: Optional[Callable[..., Tuple[np.ndarray, np.ndarray]]] = None,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    journal: Any = None,
+) -> Dict[str, int]:
+    """The low- and high-alpha CRF label maps of ``ids`` (``affinitynet.label``) as palette PNGs
+    ``<out_dir>/la/<id>.png`` and ``<out_dir>/ha/<id>.png`` (label ids, image resolution), from the
+    ``keys`` and ``high_res`` of the :class:`wsss.cams.CamStore` ``store``. Atomic writes; ids an
+    interrupted attempt recorded in ``journal`` are skipped. ``workers`` > 1 runs processes
+    (``crf_fn`` must then be a module-level function). Returns ``{"written": n, "skipped": m}``."""
+    p = AffinityLabelParams.from_mapping(params)
+    ids = list(ids)
+    missing = [i for i in ids if i not in store]
+    if missing:
+        raise KeyError(f"{len(missing)} image(s) have no CAM in the store, e.g. {missing[:5]}")
+    out_dir = Path(out_dir)
+    (out_dir / "la").mkdir(parents=True, exist_ok=True)
+    (out_dir / "ha").mkdir(parents=True, exist_ok=True)
+
+    def exists(i: str) -> bool:
+        return all(q.exists() for q in label_pair_paths(out_dir, i))
+
+    return map_images(
+        ids, lambda i: _label_one(ds, store, out_dir, p, crf_fn, i), exists=exists, journal=journal, workers=workers,
+        worker_fn=_label_in_worker, initializer=_init_label_worker, initargs=(ds, store, out_dir, p, crf_fn),
+        desc="AffinityNet labels", progress=progress,
+    )
+
+
+def _build_method(arch: Mapping[str, Any], pretrained: Optional[str] = "none") -> AffinityNetMethod:
+    a = dict(arch)
+    taps = a.pop("taps", None)
+    return AffinityNetMethod(pretrained=pretrained, taps=None if taps is None else tuple(taps), **a)
+
+
+def save_affinitynet(path: Union[str, os.PathLike], method: AffinityNetMethod, resolved_config: Mapping[str, Any]) -> Path:
+    """Write the trained AffinityNet (state_dict, ``affinitynet_arch``, config) atomically."""
+    save_checkpoint(Path(path), model=method.state_dict(), method=method.name, affinitynet_arch=method.arch(),
+                    config=dict(resolved_config), config_hash=config_hash(resolved_config))
+    return Path(path)
+
+
+def load_affinitynet(path: Union[str, os.PathLike], device: Optional[torch.device] = None) -> AffinityNetMethod:
+    """Rebuild the AffinityNet of a model file written by :func:`train_affinitynet` (eval mode)."""
+    state = load_model_state(Path(path))
+    if state.get("method") != AffinityNetMethod.name or "affinitynet_arch" not in state:
+        raise ValueError(f"{path} is not an AffinityNet model file written by train_affinitynet (method {state.get('method')!r})")
+    method = _build_method(state["affinitynet_arch"])
+    method.load_state_dict(state["model"])
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return method.to(device).eval()
+
+
+def train_affinitynet(
+    ds: Any,
+    ids: Sequence[str],
+    label_dir: Union[str, os.PathLike],
+    model_out: Union[str, os.PathLike],
+    work_dir: Union[str, os.PathLike],
+    params: Union[AffinityTrainParams, Mapping[str, Any], None] = None,
+    *,
+    resolved_config: Optional[Mapping[str, Any]] = None,
+    device: Optional[torch.device] = None,
+    num_workers: int = 0,
+    progress: bool = True,
+    stop_after_epochs: Optional[int] = None,
+) -> Path:
+    """Train AffinityNet on ``ids`` (CRF label pairs in ``label_dir``, see :func:`make_affinity_labels`)
+    with :func:`wsss.engine.train` (``train_aff.py``: poly schedule, the PolyOptimizer momentum quirk
+    by default) and write the model file ``model_out`` (read it with :func:`load_affinitynet`).
+    ``params.pretrained`` must already be resolved (``classifier`` is the workflow's name for the
+    classifier's model file). ``work_dir`` holds ``last.pt`` and ``train_log.csv`` (terms
+    ``loss_bg``, ``loss_fg``, ``loss_neg``, ``loss_total``); a rerun resumes after the last finished
+    epoch. ``stop_after_epochs`` ends early (tests) and returns the checkpoint path."""
+    p = AffinityTrainParams.from_mapping(params)
+    if p.pretrained == "classifier":
+        raise ValueError("affinitynet.train.pretrained 'classifier' must be replaced by the classifier's model file")
+    ids = list(ids)
+    missing = [i for i in ids if not all(q.exists() for q in label_pair_paths(label_dir, i))]
+    if missing:
+        raise DataError(f"{len(missing)} AffinityNet label pair(s) missing in {label_dir}, e.g. {missing[:5]}; "
+                        "run make_affinity_labels first")
+    if len(ids) < p.batch_size:
+        raise ValueError(f"{len(ids)} training images give no full batch of affinitynet.train.batch_size = {p.batch_size}")
+    resolved = dict(resolved_config) if resolved_config is not None else {"affinitynet": {"train": dataclasses.asdict(p)}}
+    torch.manual_seed(p.seed)
+    method = AffinityNetMethod(p.backbone, p.pretrained, p.trainable_from, p.taps, radius=p.radius, head_lr_mult=p.head_lr_mult,
+                               bg_weight=p.bg_weight, fg_weight=p.fg_weight, neg_weight=p.neg_weight)
+    if p.crop_size % method.pad_multiple:
+        raise ValueError(f"affinitynet.train.crop_size {p.crop_size} must be a multiple of {method.pad_multiple} for backbone {p.backbone!r}")
+    label_dir = Path(label_dir)
+    train_set = AffinityTrainSet(ds, ids, functools.partial(read_label_pair, label_dir), p.crop_size, method.feature_stride,
+                                 p.hflip, p.color_jitter, p.seed)
+    cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
+                      momentum_mode=p.momentum_mode, momentum=p.momentum, poly_power=p.poly_power, amp=p.amp,
+                      seed=p.seed, drop_last=True)
+    work_dir = Path(work_dir)
+    trained = work_dir / "trained.pt"
+    out = train(method, train_set, cfg, trained, work_dir, resolved_config=resolved, device=device,
+                num_workers=num_workers, stop_after_epochs=stop_after_epochs, progress=progress)
+    if Path(out) != trained:
+        return Path(out)
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not dist or torch.distributed.get_rank() == 0:
+        save_affinitynet(model_out, method, resolved)
+    if dist:
+        torch.distributed.barrier()
+    return Path(model_out)
+
+
+def make_affinitynet_masks(
+    ds: Any,
+    store: Any,
+    ids: Sequence[str],
+    model_path: Union[str, os.PathLike],
+    out_dir: Union[str, os.PathLike],
+    params: Union[AffinityInferParams, Mapping[str, Any], None] = None,
+    *,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+    journal: Any = None,
+) -> Dict[str, int]:
+    """Pseudo-masks of ``ids`` (palette PNG ``<out_dir>/<id>.png``, label ids, no 255) from the
+    ``keys`` and ``high_res`` CAMs of ``store`` and the AffinityNet ``model_path``
+    (:func:`affinitynet_pseudo_label` with ``affinitynet.infer``). Atomic writes; ids an interrupted
+    attempt recorded in ``journal`` are skipped. Returns ``{"written": n, "skipped": m}``."""
+    p = AffinityInferParams.from_mapping(params)
+    ids = list(ids)
+    missing = [i for i in ids if i not in store]
+    if missing:
+        raise KeyError(f"{len(missing)} image(s) have no CAM in the store, e.g. {missing[:5]}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def done(i: str) -> bool:
+        return (out_dir / f"{i}.png").exists()
+
+    todo, _ = todo_ids(ids, journal, done)
+    if not todo:
+        return {"written": 0, "skipped": len(ids)}
+    method = load_affinitynet(model_path, device)
+
+    def one(image_id: str) -> None:
+        rec = store.get(image_id, fields=("keys", "high_res"))
+        img = ds.load_image(image_id)
+        if tuple(img.shape[:2]) != tuple(rec.size):
+            raise DataError(f"image {image_id!r} has size {tuple(img.shape[:2])} but its CAM has size {tuple(rec.size)}")
+        labels, _ = affinitynet_pseudo_label(method, img, rec.high_res, rec.keys, p, device)
+        write_label_png(out_dir / f"{image_id}.png", labels, _PALETTE)
+
+    return map_images(ids, one, exists=done, journal=journal, desc="AffinityNet masks", progress=progress)
