@@ -20,7 +20,7 @@ import yaml
 from PIL import Image
 
 import wsss
-from wsss.cli import EXIT_ERROR, EXIT_OK, EXIT_STALE, main
+from wsss.cli import EXIT_ERROR, EXIT_OK, EXIT_STALE, config_files, main
 from wsss.config import config_hash, run_config
 from wsss.status import collect_status, format_table, load_config, read_checkpoint_metadata, summary_line
 from wsss.workflow.stages import stage_params
@@ -41,7 +41,18 @@ def cfg_file(tiny_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cfg(cfg_file):
-    return load_config([cfg_file])
+    """The config snakemake --configfile <cfg_file> would use: the Snakefile's config.yaml, then it."""
+    return load_config(config_files([str(cfg_file)]))
+
+
+def test_config_files_as_snakemake_merges_them(cfg_file, tmp_path, monkeypatch):
+    base = str(REPO / "config.yaml")
+    assert config_files([str(cfg_file)]) == [base, str(cfg_file)]
+    assert config_files([base, str(cfg_file)]) == [base, str(cfg_file)]  # given again: read once
+    assert config_files(None) == [base]
+    assert config_files([str(cfg_file)], no_config=True) is None
+    monkeypatch.chdir(tmp_path)  # elsewhere: the checkout this package is installed from
+    assert config_files(None) == [base]
 
 
 def _present_keys(gt: np.ndarray) -> np.ndarray:
@@ -205,7 +216,7 @@ def test_status_config_change(tree, cfg_file, tmp_path, capsys):
     results = tree["results"]
     over = tmp_path / "over.yaml"
     over.write_text(yaml.safe_dump({"cam": {"scales": [1.0]}}))
-    cfg2 = load_config([cfg_file, over])
+    cfg2 = load_config(config_files([str(cfg_file), str(over)]))
     st = by_rel(collect_status(results, cfg2), results)
     run = f"{TAG}/{RUN}"
     assert st[f"{run}/cams/shard-1-of-1.h5"].config_match == "no"

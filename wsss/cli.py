@@ -24,20 +24,35 @@ class CliError(Exception):
     """An error the command reports in one line (exit code 2)."""
 
 
-def _configfiles(args: argparse.Namespace) -> Optional[List[str]]:
-    """The config files to read: those given, else ``config.yaml`` when it exists, else None."""
-    if args.no_config:
+def snakefile_config() -> Optional[Path]:
+    """The ``config.yaml`` the Snakefile always reads first (its ``configfile:`` directive, before
+    any ``--configfile``): the one beside ``./Snakefile``, else beside the Snakefile of the checkout
+    this package is installed from (``pip install -e .``); None when there is neither."""
+    for root in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (root / "Snakefile").is_file() and (root / DEFAULT_CONFIG).is_file():
+            return root / DEFAULT_CONFIG
+    return None
+
+
+def config_files(configfile: Optional[Sequence[str]], no_config: bool = False) -> Optional[List[str]]:
+    """The config files snakemake would merge for ``snakemake --configfile <configfile>``: the
+    Snakefile's ``config.yaml`` (:func:`snakefile_config`), then ``configfile`` in order (the
+    Snakefile's file given again is read once). None for ``--no-config`` or when there is none."""
+    if no_config:
         return None
-    if args.configfile:
-        return list(args.configfile)
-    return [DEFAULT_CONFIG] if Path(DEFAULT_CONFIG).is_file() else None
+    base = snakefile_config()
+    files = [str(base)] if base is not None else []
+    for f in configfile or []:
+        if base is None or Path(f).resolve() != base.resolve():
+            files.append(f)
+    return files or None
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--configfile", nargs="+", metavar="FILE",
-                   help=f"workflow config file(s), merged in order as snakemake merges them (default: {DEFAULT_CONFIG} "
-                        "when it exists)")
+                   help="the config files given to snakemake --configfile; as in snakemake they are merged in "
+                        f"order onto the Snakefile's {DEFAULT_CONFIG}, which is read in any case")
     g.add_argument("--no-config", action="store_true", help="read no config file")
 
 
@@ -84,7 +99,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect_status, format_table, load_config, summary_line
 
     cfg = None
-    files = _configfiles(args)
+    files = config_files(args.configfile, args.no_config)
     if files:
         cfg = load_config(files)
     results = Path(args.results)
@@ -92,8 +107,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     shown = [s for s in statuses if s.stale] if args.stale_only else statuses
     if shown:
         print(format_table(shown))
-    if not files:
-        print("no config read: config match is unknown (give --configfile)")
+    if files:
+        print(f"config: {' + '.join(files)}")
+    else:
+        print("no config read: config match is unknown")
     print(summary_line(statuses))
     return EXIT_STALE if any(s.stale for s in statuses) else EXIT_OK
 
@@ -107,7 +124,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not results.is_dir():
         raise CliError(f"results folder not found: {results}")
     cfg = None
-    files = _configfiles(args)
+    files = config_files(args.configfile, args.no_config)
     if files:
         from .status import load_config
 
