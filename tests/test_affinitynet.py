@@ -479,3 +479,16 @@ def test_stages_labels_train_resume_masks(tmp_path):
 
         save_checkpoint(tmp_path / "other.pt", model={}, method="cam")
         load_affinitynet(tmp_path / "other.pt")
+
+
+def test_resnet38_is_the_reference_network():
+    torch.manual_seed(0)
+    m = AffinityNetMethod("resnet38", pretrained="none")
+    assert m.taps == ("conv4", "conv5", "conv6") and m.feature_stride == 8 and m.pad_multiple == 8
+    assert [(c.in_channels, c.out_channels) for c in m.reduce] == [(512, 64), (1024, 128), (4096, 256)]
+    # PSA's not_training: conv1a, b2, b2_1, b2_2 frozen, b3 on trains
+    assert m.backbone.trainable_from == "b3"
+    assert not any(p.requires_grad for p in m.backbone.conv1a.parameters())
+    assert any(p.requires_grad for p in m.backbone.b3.parameters())
+    with torch.no_grad():
+        assert m(torch.randn(1, 3, 40, 48)).shape == (1, 448, 5, 6)

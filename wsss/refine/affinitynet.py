@@ -408,7 +408,16 @@ class PairIndex:
         return int(self.dst.size)
 
     def tensors(self, device: Union[str, torch.device]) -> Tuple[torch.Tensor, torch.Tensor]:
-        return torch.as_tensor(self.src, device=device), torch.as_tensor(self.dst, device=device)
+        """``(src, dst)`` as int64 tensors on ``device`` (kept per device: no copy per step)."""
+        key = (self.size, self.radius, str(torch.device(device)))
+        if key not in _PAIR_TENSORS:
+            if len(_PAIR_TENSORS) >= 64:
+                _PAIR_TENSORS.clear()
+            _PAIR_TENSORS[key] = (torch.as_tensor(self.src, device=device), torch.as_tensor(self.dst, device=device))
+        return _PAIR_TENSORS[key]
+
+
+_PAIR_TENSORS: Dict[Tuple[Tuple[int, int], int, str], Tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 @functools.lru_cache(maxsize=64)
