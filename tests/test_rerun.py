@@ -54,6 +54,9 @@ DOWNSTREAM_OF_IRN_MASKS = {"irn_masks_shard", "eval_masks", "mask_gallery", "tra
                            "eval_deeplab", "summary_table", "training_curves", "all"}
 
 CASES = {
+    # CAM inference (the ReLU/resize order): the CAMs and everything after them; the classifier is kept
+    "cam.upsample": ({"cam": {"upsample": "raw_then_relu"}},
+                     DOWNSTREAM_OF_IRN_MASKS | {"cam_shard", "seed_eval", "seed_masks_shard", "crf_shard", "ir_labels_shard", "train_irn"}),
     # IRN inference: the masks and what trains on them; IRN is not retrained
     "irn.infer": ({"irn": {"infer": {"pad_to": 0, "beta": 7}}}, DOWNSTREAM_OF_IRN_MASKS),
     # IRN training: IRN and after; the IR labels are kept
