@@ -324,6 +324,10 @@ def test_show_cli(tree, cfg_file, tmp_path, capsys):
     assert main(["show", image_id, "--results", str(tree["results"]), "--out", str(out2), "--no-config"]) == EXIT_OK
     with Image.open(out) as a, Image.open(out2) as b:
         assert b.width == 6 * (256 + 4) + 4 and a.width == 6 * (48 + 4) + 4
+    # the default config's dataset (synthetic) has no results here: the only dataset folder is shown
+    out3 = tmp_path / "r.png"
+    assert main(["show", image_id, "--results", str(tree["results"]), "--out", str(out3)]) == EXIT_OK
+    assert out3.exists()
 
 
 def test_show_unknown_image_id(tree, cfg_file, tmp_path, capsys):

@@ -132,6 +132,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .config import dataset_tag, run_names
 
     tag = args.dataset or (dataset_tag(cfg) if cfg is not None else None)
+    if args.dataset is None and tag is not None and not (results / tag).is_dir() and len(dataset_tags(results)) == 1:
+        tag = None  # the config's dataset has no results, but there is only one: show that one
     if tag is None:
         tags = dataset_tags(results)
         if len(tags) != 1:
