@@ -28,6 +28,9 @@ divides by zero in ``unary_from_labels``).
 Reference quirk *not* reproduced: the KTSE/BECO DeepLab test script feeds the CRF the
 mean-subtracted image cast to ``uint8`` (negative values wrap; ``KTSE:segmentation/test.py``).
 :func:`deeplab_crf` takes the raw RGB image. See ``docs/crf.md``.
+
+``pydensecrf`` is imported by the functions that run a CRF, so that :func:`evaluate_masks` and the
+parameter checks work without it (the ``data`` conda env, where ``eval_masks`` runs, has none).
 """
 
 from __future__ import annotations
@@ -38,9 +41,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-
-import pydensecrf.densecrf as dcrf
-from pydensecrf.utils import unary_from_labels, unary_from_softmax
 from tqdm import tqdm
 
 from ..io import DataError, read_label_png, voc_palette, write_label_png
@@ -129,6 +129,8 @@ def _dense_crf(
     pydensecrf defaults are kept (diagonal kernels, symmetric normalisation, Potts compatibility
     equal to the scalar ``compat``), as in every reference.
     """
+    import pydensecrf.densecrf as dcrf
+
     h, w = img.shape[:2]
     d = dcrf.DenseCRF2D(w, h, n_labels)  # width first
     d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
@@ -140,6 +142,8 @@ def _dense_crf(
 
 def _softmax_unary(probs: np.ndarray) -> np.ndarray:
     """``unary_from_softmax`` on float32 input (``-log(clip(p, 1e-5, 1))``, float32)."""
+    from pydensecrf.utils import unary_from_softmax
+
     return unary_from_softmax(probs if probs.dtype == np.float32 else probs.astype(np.float32), clip=PROB_CLIP)
 
 
@@ -245,6 +249,8 @@ def crf_inference_label(
         raise ValueError(f"{what}: labels span [{labels.min()}, {labels.max()}], outside [0, {n_labels}) for n_labels={n_labels}")
     if n_labels == 1:
         return np.zeros((h, w), np.uint8)
+    from pydensecrf.utils import unary_from_labels
+
     unary = unary_from_labels(labels, n_labels, gt_prob=gt_prob, zero_unsure=False)
     q = _dense_crf(img, unary, n_labels, t, gauss_sxy, gauss_compat, bi_sxy, bi_srgb, bi_compat)
     return q.argmax(0).astype(np.uint8)
