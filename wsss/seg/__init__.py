@@ -3,12 +3,26 @@
 Modules: :mod:`.models` (``SEG_MODELS``: ``deeplabv2``, ``deeplabv3plus``), :mod:`.data`
 (training pairs, confidence masks, augmentation), :mod:`.train` (the network as a
 :class:`wsss.methods.base.Method` for :func:`wsss.engine.train`), :mod:`.evaluate` (multi-scale
-inference, CRF, prediction PNGs, metrics), :mod:`.params` (config section ``deeplab:``) and
-:mod:`.stages` (the functions the Snakemake rules call). See docs/deeplab.md.
+inference, CRF, prediction PNGs), :mod:`.scoring` (metrics of the prediction PNGs; no torch),
+:mod:`.params` (config section ``deeplab:``) and :mod:`.stages` (the functions the Snakemake rules
+call). See docs/deeplab.md.
+
+The names of :mod:`.stages` are imported on first use, so that the torch-free modules
+(:mod:`.params`, :mod:`.scoring`) import without torch (the ``data`` conda env has none).
 """
 
 from .params import BECO, DEFAULTS, resolve_params
-from .stages import evaluate_predictions, load_seg_method, predict_shard, train_segmentation
+
+_STAGES = ("evaluate_predictions", "load_seg_method", "predict_shard", "train_segmentation")
+
+
+def __getattr__(name: str):
+    if name in _STAGES:
+        from . import stages
+
+        return getattr(stages, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BECO",
