@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import Any, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from .cams import CamShardWriter
 from .data.base import SegDataset
 from .data.classification import MultiScaleSet, identity_collate, select_labelled
 from .methods.base import Method
+from .workflow.adapter import shard_ids  # noqa: F401 (the torch-free stages import it from there)
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,6 @@ def _fused_raw_then_relu(method: Method, views: Sequence[torch.Tensor], size: Tu
     low = normalise_maps(low, normalisation)
     high = normalise_maps(high, normalisation)
     return low.cpu().numpy(), high.cpu().numpy()
-
-
-def shard_ids(ids: Sequence[str], shard_index: int, num_shards: int) -> List[str]:
-    """Contiguous split of ``ids`` into ``num_shards`` parts (sizes differ by at most one)."""
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard {shard_index} out of range for {num_shards} shards")
-    bounds = np.linspace(0, len(ids), num_shards + 1).round().astype(int)
-    return list(ids[bounds[shard_index] : bounds[shard_index + 1]])
 
 
 def infer_cams(

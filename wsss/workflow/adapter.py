@@ -6,7 +6,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, List, Sequence
 
 
 @contextlib.contextmanager
@@ -39,3 +39,14 @@ def scatter_index(scatteritem: str) -> tuple[int, int]:
     if not 1 <= i <= n:
         raise ValueError(f"scatter item {scatteritem!r} out of range")
     return i - 1, n
+
+
+def shard_ids(ids: Sequence[str], shard_index: int, num_shards: int) -> List[str]:
+    """Contiguous split of ``ids`` into ``num_shards`` parts (sizes differ by at most one): the ids
+    of shard ``shard_index`` (0-based, as :func:`scatter_index` returns it)."""
+    import numpy as np
+
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard {shard_index} out of range for {num_shards} shards")
+    bounds = np.linspace(0, len(ids), num_shards + 1).round().astype(int)
+    return list(ids[bounds[shard_index] : bounds[shard_index + 1]])
