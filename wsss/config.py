@@ -150,7 +150,7 @@ def _check_names(cfg: Dict[str, Any]) -> None:
                 f"config key '{where}.backbone': unknown backbone {c['backbone']!r}; valid: {', '.join(list_backbones())}"
             )
 
-    from .refine.irn import IRLabelParams, IRNInferParams, IRNTrainParams
+    from .refine.irn_params import IRLabelParams, IRNInferParams, IRNTrainParams
 
     for where, c in [("irn", cfg["irn"])] + [(f"experiments.{n}.irn", o.get("irn", {})) for n, o in cfg["experiments"].items()]:
         for sub, cls in (("ir_label", IRLabelParams), ("train", IRNTrainParams), ("infer", IRNInferParams)):
@@ -246,20 +246,20 @@ def _check_pretrained(key: str, spec: Any, backbone: str, also: tuple = ()) -> N
         return
     from .models import weights
 
-    if spec in weights._IMAGENET_SPECS:
+    if spec in weights.IMAGENET_SPECS:
         base = backbone[: -len("_os8")] if backbone.endswith("_os8") else backbone
-        if base not in weights._TORCHVISION_WEIGHTS:
+        if base not in weights.TORCHVISION_WEIGHTS:
             raise ConfigError(
                 f"config key '{key}': no downloadable ImageNet weights for backbone {backbone!r} (torchvision weights exist "
-                f"for {', '.join(sorted(weights._TORCHVISION_WEIGHTS))}; resnet38: docs/resnet38_weights.md); "
+                f"for {', '.join(sorted(weights.TORCHVISION_WEIGHTS))}; resnet38: docs/resnet38_weights.md); "
                 "use 'none' or the path of a state_dict file"
             )
         import torchvision.models
 
-        enum_cls = getattr(torchvision.models, weights._TORCHVISION_WEIGHTS[base])
-        tag = weights._IMAGENET_SPECS[spec]
+        enum_cls = getattr(torchvision.models, weights.TORCHVISION_WEIGHTS[base])
+        tag = weights.IMAGENET_SPECS[spec]
         if tag not in enum_cls.__members__:
-            have = ", ".join(n for n, t in weights._IMAGENET_SPECS.items() if t in enum_cls.__members__)
+            have = ", ".join(n for n, t in weights.IMAGENET_SPECS.items() if t in enum_cls.__members__)
             raise ConfigError(f"config key '{key}': torchvision has no {spec} ({tag}) weights for backbone {backbone!r}; valid: {have}")
         return
     if not isinstance(spec, str) or not Path(spec).expanduser().is_file():

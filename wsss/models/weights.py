@@ -34,12 +34,14 @@ logger = logging.getLogger(__name__)
 
 RESNET38_DOC = "docs/resnet38_weights.md"
 
-_TORCHVISION_WEIGHTS = {
+#: Backbones with downloadable ImageNet weights -> their weights enum in ``torchvision.models``.
+TORCHVISION_WEIGHTS = {
     "resnet18": "ResNet18_Weights",
     "resnet50": "ResNet50_Weights",
     "resnet101": "ResNet101_Weights",
 }
-_IMAGENET_SPECS = {"imagenet": "IMAGENET1K_V1", "imagenet_v2": "IMAGENET1K_V2"}
+#: ImageNet names a ``pretrained`` spec may give -> the torchvision weights tag.
+IMAGENET_SPECS = {"imagenet": "IMAGENET1K_V1", "imagenet_v2": "IMAGENET1K_V2"}
 _HEAD_PREFIXES = ("fc.",)
 _IGNORED_MISSING_SUFFIX = "num_batches_tracked"
 
@@ -69,8 +71,8 @@ def load_pretrained(
     """
     if spec is None or spec == "none":
         return None
-    if isinstance(spec, str) and spec in _IMAGENET_SPECS:
-        state, source = _torchvision_imagenet(arch, _IMAGENET_SPECS[spec])
+    if isinstance(spec, str) and spec in IMAGENET_SPECS:
+        state, source = _torchvision_imagenet(arch, IMAGENET_SPECS[spec])
     else:
         path = Path(spec).expanduser()
         state, source = read_state_dict(path), str(path)
@@ -85,15 +87,15 @@ def _torchvision_imagenet(arch: str, tag: str) -> "tuple[Dict[str, torch.Tensor]
             "ilsvrc-cls_rna-a1_cls1000_ep-0001.params. Convert it to a PyTorch state_dict as described "
             f"in {RESNET38_DOC} and set `pretrained` to the path of the converted .pth file."
         )
-    if base not in _TORCHVISION_WEIGHTS:
-        known = ", ".join(sorted(_TORCHVISION_WEIGHTS))
+    if base not in TORCHVISION_WEIGHTS:
+        known = ", ".join(sorted(TORCHVISION_WEIGHTS))
         raise PretrainedWeightsError(
             f"no ImageNet weights known for backbone {arch!r} (torchvision weights exist for {known}); "
             "give the path of a state_dict file as `pretrained` instead"
         )
     import torchvision.models
 
-    enum_cls = getattr(torchvision.models, _TORCHVISION_WEIGHTS[base])
+    enum_cls = getattr(torchvision.models, TORCHVISION_WEIGHTS[base])
     try:
         weights = enum_cls[tag]
     except KeyError:
@@ -123,7 +125,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        valid = ", ".join(repr(s) for s in ["none", *_IMAGENET_SPECS])
+        valid = ", ".join(repr(s) for s in ["none", *IMAGENET_SPECS])
         raise FileNotFoundError(
             f"pretrained weights file {str(path)!r} does not exist "
             f"(`pretrained` must be {valid} or the path of a state_dict file)"
