@@ -1,13 +1,14 @@
 # Shared helpers: config validation, paths, params and resources. Rules call only these names.
+import os
 import re
 import sys
 
 # The Snakefile imports the package from this checkout; rule scripts do the same
 # (first line of each script in rules/scripts/), so conda envs need only the dependencies.
+# Nothing imported here imports torch (tests/test_envs.py): what needs it runs in a child process.
 sys.path.insert(0, workflow.basedir)
 
 import wsss
-import wsss.pipeline as wsss_pipeline
 import wsss.workflow.resources as res
 from wsss.config import (
     ConfigError,
@@ -18,13 +19,18 @@ from wsss.config import (
     stage_config,
     validate_config,
 )
+from wsss.workflow import config_check as wcheck
 from wsss.workflow import paths as wpaths
 from wsss.workflow import stages as wstages
 
 try:
-    CFG = validate_config(config)
+    # schema, numbers and ranges here; the checks that need torch (registry names, options,
+    # pretrained weights, networks) and each run's classifier input files in a child process,
+    # its answer kept in .snakemake/wsss/ per config and code (wsss.workflow.config_check)
+    CFG = validate_config(config, extra_checks=False)
     # one run per experiment and seed; the `experiment` wildcard is the run: <experiment>/s<seed>
-    EXPERIMENT_CFG = {run: run_config(CFG, run) for run in run_names(CFG)}
+    EXPERIMENT_CFG = {run: run_config(CFG, run, extra_checks=False) for run in run_names(CFG)}
+    CHECKED = wcheck.checked_config(CFG, os.path.join(".snakemake", "wsss"))
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 
@@ -60,7 +66,7 @@ def stage_params(stage):
 
 def classifier_inputs(wildcards):
     """Other experiments' model files this experiment's training starts from (SMAF, ACR)."""
-    return wsss_pipeline.classifier_inputs(EXPERIMENT_CFG[wildcards.experiment])
+    return CHECKED["classifier_inputs"][wildcards.experiment]
 
 
 #: mask folder under a run -> (kind recorded in metrics.csv, scatter name of its shards)
