@@ -137,7 +137,7 @@ def _method(name: str) -> Method:
 
 @pytest.mark.parametrize(
     "name, default",
-    [("cam", "relu_then_raw"), ("gpp", "relu_then_raw"), ("cam+islfsl", "relu_then_raw"),
+    [("cam", "relu_then_raw"), ("gpp", "raw_then_relu"), ("cam+islfsl", "relu_then_raw"),
      ("aeft", "raw_then_relu"), ("ktse", "raw_then_relu"), ("acr", "raw_then_relu")],
 )
 def test_auto_is_the_method_default_and_raw_cam_is_cam_before_relu(name, default):

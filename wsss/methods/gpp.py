@@ -188,6 +188,8 @@ class GPPMethod(Method):
 
     name = "gpp"
     _background = False
+    #: the official inference (AEFT ``infer_multi``) resizes the raw CAM to the image, ReLU after
+    cam_upsample = "raw_then_relu"
 
     def __init__(
         self,
