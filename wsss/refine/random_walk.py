@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .irn_params import STRIDE, WALKS  # defined with IRN's config parameters (no torch there)
 from .path_index import PathIndex
 
 __all__ = [
@@ -61,11 +62,6 @@ __all__ = [
     "sem_seg_from_walk",
     "confidence_mask",
 ]
-
-#: The CAM / boundary maps are at stride 4 of the image (ceil(H/4) x ceil(W/4)); hard-coded in IRN.
-STRIDE = 4
-WALKS = ("sparse", "dense")
-
 
 def _check_inputs(cam: torch.Tensor, edge: torch.Tensor, radius: int, beta: float, exp_times: int) -> Tuple[torch.Tensor, torch.Tensor]:
     cam = torch.as_tensor(cam)
