@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from wsss.methods.base import StepContext, build_method
+from wsss.methods import build_method
+from wsss.methods.base import StepContext
 from wsss.models import build_backbone
 
 VARIANTS = {"official": (64, [64, 128, 256]), "narrowed (configs/methods.yaml)": (16, [16, 32, 64])}

@@ -307,7 +307,7 @@ def test_pretrained_nested_backbone_prefix(tmp_path):
 def test_pretrained_from_a_classifier_state(tmp_path, method):
     """IRN's `pretrained: classifier` loads the backbone out of a whole method's state_dict, also
     of a wrapping method whose backbone sits under 'base.backbone.'."""
-    from wsss.methods.base import build_method
+    from wsss.methods import build_method
 
     trained = build_method(method, num_classes=4, backbone=build_backbone("resnet18"))
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from wsss.cam_infer import fused_cams, infer_cams, normalise_maps, shard_ids
 from wsss.cams import CamStore
 from wsss.data.transforms import multiscale_views
-from wsss.methods.base import build_method
+from wsss.methods import build_method
 from wsss.models import build_backbone
 from wsss.seeds import cam_to_label, sweep_table, sweep_thresholds
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from wsss.engine import TrainConfig, build_optimizer, effective_momentum, load_model_state, poly_scheduler, train
-from wsss.methods.base import build_method, list_methods
+from wsss.methods import build_method, list_methods
 from wsss.models import build_backbone
 
 

@@ -103,7 +103,7 @@ def test_forced_rerun_after_a_model_change_rewrites_predictions(tiny_run):
     import torch
 
     from wsss.io import read_label_png
-    from wsss.pipeline import read_shard_markers
+    from wsss.workflow.markers import read_shard_markers
 
     run = tiny_run / RUN
     markers = sorted((run / "deeplab" / "predictions").glob("shard-*.json"))
@@ -146,8 +146,10 @@ def test_unlabelled_images_are_skipped_by_every_stage_on_coco(tmp_path):
     from wsss.data.coco import prepare_coco_dataset
     from wsss.engine import save_model
     from wsss.io import DataError
-    from wsss.pipeline import (build_classifier, cam_ids, crf_shard, evaluate_mask_shards, evaluate_seeds, infer_cam_shard,
-                               ir_labels_shard, read_shard_markers_full, seed_masks_shard)
+    from wsss.methods import build_classifier
+    from wsss.pipeline import (cam_ids, crf_shard, evaluate_mask_shards, evaluate_seeds, infer_cam_shard, ir_labels_shard,
+                               seed_masks_shard)
+    from wsss.workflow.markers import read_shard_markers_full
 
     root = write_mini_coco(tmp_path / "coco")
     prepare_coco_dataset(root, crowd="background", progress=False)

@@ -400,7 +400,7 @@ def test_stale_temps_removed_by_cam_writer_and_checkpoint(tmp_path, images):
 def test_infer_cams_records_the_class_count(tiny_cfg, tmp_path):
     from wsss.cam_infer import infer_cams
     from wsss.data import open_dataset
-    from wsss.methods.base import build_method
+    from wsss.methods import build_method
     from wsss.models import build_backbone
 
     ds = open_dataset(tiny_cfg)

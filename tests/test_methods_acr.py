@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from wsss.engine import TrainConfig, build_optimizer, load_checkpoint, load_model_state, poly_scheduler, save_model, train
 from wsss.methods import acr as A
-from wsss.methods.base import StepContext, build_method
+from wsss.methods import build_method, required_files
+from wsss.methods.base import StepContext
 from wsss.models import build_backbone
 
 #: a small but complete ACR (the official sizes are the defaults; these keep CPU tests fast)
@@ -261,11 +262,13 @@ def test_engine_resume_restores_the_reconstructor_optimiser(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_init_inputs_for_the_workflow():
-    assert A.init_inputs({"classifier": {"method": "cam"}}) == []
-    assert A.init_inputs({"method": "acr", "method_options": {}}) == []
+def test_required_files_for_the_workflow():
+    assert required_files({"classifier": {"method": "cam"}}) == []
+    assert required_files({"method": "acr", "method_options": {}}) == []
     c = {"method": "acr", "method_options": {"reconstructor": "frozen", "reconstructor_init": "r/P/classifier/model.pt"}}
-    assert A.init_inputs({"classifier": c}) == ["r/P/classifier/model.pt"]
+    assert required_files({"classifier": c}) == ["r/P/classifier/model.pt"]
+    both = {"classifier_init": "r/A/classifier/model.pt", "reconstructor_init": "r/P/classifier/model.pt"}
+    assert A.ACRMethod.required_files(both) == ["r/A/classifier/model.pt", "r/P/classifier/model.pt"]
 
 
 def test_option_errors():

@@ -20,7 +20,8 @@ from wsss.methods.aeft import (
     repulsion_loss,
     sample_negatives,
 )
-from wsss.methods.base import StepContext, build_method
+from wsss.methods import build_method
+from wsss.methods.base import StepContext
 from wsss.methods.gpp import GPPHead, GPPMethod, gap_embedding, gated_merge, gpp_logits, max_norm, pyramid_pool
 from wsss.methods.ktse import (
     KTSEMethod,

@@ -12,7 +12,8 @@ import torch
 from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from wsss.engine import TrainConfig, build_optimizer, train_step
 from wsss.methods import islfsl as IF
-from wsss.methods.base import StepContext, build_method, list_methods
+from wsss.methods import build_method, list_methods
+from wsss.methods.base import StepContext
 from wsss.models import build_backbone
 
 CTX = StepContext(step=0, max_step=10, epoch=0, max_epoch=1, device=torch.device("cpu"))

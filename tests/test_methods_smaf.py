@@ -12,7 +12,8 @@ import torch
 
 from wsss.engine import TrainConfig, build_optimizer, save_model, train_step
 from wsss.methods import smaf as S
-from wsss.methods.base import StepContext, build_method
+from wsss.methods import build_method, required_files
+from wsss.methods.base import StepContext
 from wsss.models import build_backbone
 
 CTX = StepContext(step=0, max_step=10, epoch=0, max_epoch=1, device=torch.device("cpu"))
@@ -104,12 +105,13 @@ def test_student_maps_and_mac_loss_hand_values():
     assert cams.grad is not None and torch.isfinite(cams.grad).all()
 
 
-def test_iteration_helper_and_teacher_inputs():
+def test_iteration_helper_and_required_files():
     assert S.epochs_for_iterations(20000, 10582, 8) == 15  # official 20k iterations at batch 8
-    assert S.teacher_inputs({"classifier": {"method": "cam"}}) == []
-    assert S.teacher_inputs({"method": "smaf", "method_options": {"teacher_path": "r/x/classifier/model.pt"}}) == ["r/x/classifier/model.pt"]
+    assert required_files({"classifier": {"method": "cam"}}) == []
+    assert required_files({"method": "smaf", "method_options": {"teacher_path": "r/x/classifier/model.pt"}}) == ["r/x/classifier/model.pt"]
+    assert S.SMAFMethod.required_files({"teacher_path": "r/x/classifier/model.pt"}) == ["r/x/classifier/model.pt"]
     with pytest.raises(ValueError, match="teacher_path"):
-        S.teacher_inputs({"classifier": {"method": "smaf", "method_options": {}}})
+        required_files({"classifier": {"method": "smaf", "method_options": {}}})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +247,7 @@ def test_teacher_then_student_through_the_engine(tiny_cfg, tmp_path):
 
     cfg = copy.deepcopy(tiny_cfg)
     cfg["classifier"].update(method="smaf", method_options={"teacher_path": str(teacher), "scales": [0.5, 1.0, 1.5]}, batch_size=8)
-    assert S.teacher_inputs(cfg) == [str(teacher)]
+    assert required_files(cfg) == [str(teacher)]
     model = train_classifier(cfg, str(labels_csv), str(tmp_path / "X" / "model.pt"), str(tmp_path / "X" / "work"), progress=False)
     with open(tmp_path / "X" / "work" / "train_log.csv") as fh:
         rows = list(csv.DictReader(fh))

@@ -12,7 +12,8 @@ from wsss.data import open_dataset
 from wsss.data.base import write_labels_csv
 from wsss.data.classification import select_labelled
 from wsss.io import DataError
-from wsss.pipeline import build_classifier, train_classifier
+from wsss.methods import build_classifier
+from wsss.pipeline import train_classifier
 
 
 def _labels_csv(cfg, path, mutate=None):
@@ -85,7 +86,8 @@ def test_deeplab_training_under_torchrun_with_two_processes(tiny_cfg, tmp_path):
     """gpus > 1: the stage re-launches itself with torchrun (2 CPU processes, gloo DDP); rank 0 writes."""
     from wsss.config import run_config
     from wsss.engine import load_model_state
-    from wsss.pipeline import launch_deeplab_training, write_shard_marker
+    from wsss.pipeline import launch_deeplab_training
+    from wsss.workflow.markers import write_shard_marker
 
     cfg = run_config(tiny_cfg, "baseline/s0")
     cfg["deeplab"].update(epochs=1, batch_size=4, crop_size=32)

@@ -77,9 +77,7 @@ def validate_config(config: Mapping[str, Any], extra_checks: bool = True) -> Dic
     Raises :class:`ConfigError` listing every problem, each naming its key: schema errors, NaN or
     infinite numbers anywhere in the config, and inverted ``[min, max]`` ranges. ``extra_checks``
     adds the checks the schema cannot express (names that live in registries, option names,
-    pretrained weights, and the merged config of every experiment); they import torch, so the
-    Snakefile validates with ``extra_checks=False`` and runs them in a child process
-    (:mod:`wsss.workflow.config_check`).
+    pretrained weights, and the merged config of every experiment).
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"the config must be a mapping, got {type(config).__name__}")
@@ -139,7 +137,7 @@ def _check_names(cfg: Dict[str, Any]) -> None:
     """Checks the schema cannot express (names that live in registries, option names, pretrained
     weights, generator parameters), then the merged config of every experiment."""
     from .data import synthetic
-    from .methods.base import list_methods
+    from .methods import list_methods
     from .models import list_backbones
 
     for where, c in [("classifier", cfg["classifier"])] + [
@@ -270,9 +268,9 @@ def _check_pretrained(key: str, spec: Any, backbone: str, also: tuple = ()) -> N
 
 
 def _check_classifier(c: Mapping[str, Any]) -> None:
-    from .methods.base import ISLFSL_SUFFIX, METHODS, _load_builtin_methods
+    from .methods import ISLFSL_SUFFIX, METHODS, load_builtin_methods
 
-    _load_builtin_methods()
+    load_builtin_methods()
     opts = dict(c["method_options"])
     base = c["method"][: -len(ISLFSL_SUFFIX)] if c["method"].endswith(ISLFSL_SUFFIX) else c["method"]
     if c["method"].endswith(ISLFSL_SUFFIX):
@@ -371,16 +369,15 @@ EXPERIMENT_SECTIONS = ("classifier", "cam", "seed_eval", "crf", "irn", "deeplab"
 DATA_SECTIONS = ("dataset", "synthetic", "voc12", "coco14")
 
 
-def experiment_config(cfg: Mapping[str, Any], name: str, extra_checks: bool = True) -> Dict[str, Any]:
-    """The validated config of experiment ``name``: its overrides merged onto the base sections
-    (``extra_checks``: as in :func:`validate_config`)."""
+def experiment_config(cfg: Mapping[str, Any], name: str) -> Dict[str, Any]:
+    """The validated config of experiment ``name``: its overrides merged onto the base sections."""
     if name not in cfg["experiments"]:
         raise ConfigError(f"unknown experiment {name!r}; configured: {', '.join(sorted(cfg['experiments']))}")
     merged = deep_merge(cfg, cfg["experiments"][name])
     merged["experiments"] = {name: {}}
     merged["tables"] = dict(merged.get("tables", {}), fully_supervised=None)  # a workflow-level setting
     try:
-        return validate_config(merged, extra_checks=extra_checks)
+        return validate_config(merged)
     except ConfigError as e:
         raise ConfigError(f"experiment {name!r}: {e}") from None
 
@@ -390,14 +387,14 @@ def run_names(cfg: Mapping[str, Any]) -> List[str]:
     return [f"{e}/s{seed}" for e in sorted(cfg["experiments"]) for seed in cfg["seeds"]]
 
 
-def run_config(cfg: Mapping[str, Any], run: str, extra_checks: bool = True) -> Dict[str, Any]:
+def run_config(cfg: Mapping[str, Any], run: str) -> Dict[str, Any]:
     """The validated config of run ``<experiment>/s<seed>``: the experiment's config with the seed
-    set in every stage that draws random numbers (``extra_checks``: as in :func:`validate_config`)."""
+    set in every stage that draws random numbers."""
     name, sep, seed_part = run.rpartition("/s")
     if not sep or not seed_part.isdigit() or int(seed_part) not in cfg["seeds"]:
         raise ConfigError(f"unknown run {run!r}; runs are <experiment>/s<seed> with seeds {cfg['seeds']}")
     seed = int(seed_part)
-    out = experiment_config(cfg, name, extra_checks=extra_checks)
+    out = experiment_config(cfg, name)
     out["classifier"]["seed"] = seed
     out["irn"]["train"] = dict(out["irn"]["train"], seed=seed)
     out["deeplab"]["seed"] = seed

@@ -12,44 +12,28 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import torch
 
 from . import __version__
-from .config import config_hash
 from .data import open_dataset, split_union
 from .data.base import read_labels_csv
 from .data.classification import ClassificationTrainSet, select_labelled
 from .data.transforms import TrainTransform
 from .engine import load_model_state, train, train_config_from
 from .io import copy_atomic
-from .methods.base import Method, build_method
-from .models import build_backbone
+from .methods import build_classifier
+from .methods.base import Method
+from .workflow.jobs import device_and_workers, set_aside_stale_checkpoint
+from .workflow.markers import masks_dir, read_shard_markers, read_shard_markers_full, shard_journal, write_shard_marker
 from .workflow.stages import stage_params
 
 log = logging.getLogger(__name__)
 
 
-def device_and_workers(threads: int) -> tuple[torch.device, int]:
-    """The device (CUDA when present) and DataLoader workers for a job given ``threads`` cores."""
-    threads = max(1, int(threads))
-    torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device, max(0, threads - 1)
-
-
-def build_classifier(cfg: Mapping[str, Any], num_classes: int, pretrained: Optional[str] = None) -> Method:
-    """The configured method with its backbone (``pretrained`` overrides the config, e.g. 'none'
-    when loading a trained model)."""
-    c = cfg["classifier"]
-    backbone = build_backbone(c["backbone"], pretrained=pretrained or c["pretrained"], **c["backbone_options"])
-    return build_method(c["method"], num_classes=num_classes, backbone=backbone, **c["method_options"])
-
-
 def classifier_inputs(cfg: Mapping[str, Any]) -> list:
-    """Model files an experiment's classifier training reads besides the data: SMAF's teacher
-    (another experiment's ``model.pt``), ACR's initialisations; Snakemake makes them inputs so the
-    DAG trains them first."""
-    from .methods.acr import init_inputs
-    from .methods.smaf import teacher_inputs
+    """Model files an experiment's classifier training reads besides the data (the method's
+    :meth:`~wsss.methods.base.Method.required_files`, e.g. SMAF's teacher); Snakemake makes them
+    inputs so the DAG trains them first."""
+    from .methods import required_files
 
-    return teacher_inputs(cfg) + init_inputs(cfg)
+    return required_files(cfg)
 
 
 def classifier_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -70,7 +54,7 @@ def train_classifier(cfg: Mapping[str, Any], labels_csv: str, model_out: str, wo
         color_jitter=tuple(c["color_jitter"]) if c["color_jitter"] else None, color_jitter_p=c["color_jitter_p"],
     )
     train_set = ClassificationTrainSet(ds, ids, labels, transform, seed=c["seed"])
-    _set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
+    set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
     torch.manual_seed(c["seed"])
     method = build_classifier(cfg, ds.num_fg_classes)
     device, workers = device_and_workers(threads)
@@ -90,19 +74,6 @@ def publish_train_log(work_dir: str | os.PathLike, log_out: Optional[str]) -> No
     the job, and a resumed training appends to the log of the steps already done."""
     if log_out:
         copy_atomic(Path(work_dir) / "train_log.csv", log_out)
-
-
-def _set_aside_stale_checkpoint(path: Path, resolved: Mapping[str, Any]) -> None:
-    """A resume checkpoint of another config is renamed (never deleted) and training starts over."""
-    if not path.exists():
-        return
-    from .engine import load_checkpoint
-
-    old = load_checkpoint(path).get("config_hash")
-    if old != config_hash(resolved):
-        stale = path.with_name(f"last.stale-{old}.pt")
-        os.replace(path, stale)
-        log.warning("checkpoint %s belongs to another config; kept as %s, starting over", path, stale)
 
 
 def load_classifier(cfg: Mapping[str, Any], model_path: str, num_classes: int) -> Method:
@@ -174,60 +145,7 @@ def evaluate_seeds(cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: st
 
 # --------------------------------------------------------------------------------------------
 # mask-producing shards (CRF, IR labels, IRN): PNGs in a folder named after the config hash, one
-# JSON marker per shard as the tracked output
-
-
-def masks_dir(base: str | Path, resolved: Mapping[str, Any]) -> Path:
-    """``<base>/masks-<config hash>``: masks made with other settings never mix with these, and a
-    resumed shard only reuses PNGs made with the same settings."""
-    return Path(base) / f"masks-{config_hash(resolved)}"
-
-
-def write_shard_marker(path: str | Path, *, kind: str, ids: Sequence[str], mask_dir: Path, resolved: Mapping[str, Any],
-                       skipped: Sequence[str] = ()) -> None:
-    """The tracked output of a mask-producing shard: its folder, the ids it wrote and the ids it
-    left out on purpose (``skipped``: unlabelled images the CAM stage skipped)."""
-    from .io import write_json_atomic
-
-    write_json_atomic(path, {
-        "kind": kind, "mask_dir": str(mask_dir), "ids": list(ids), "num_images": len(ids), "skipped": sorted(skipped),
-        "config_hash": config_hash(resolved), "package_version": __version__, "config": dict(resolved),
-    })
-
-
-def shard_journal(marker: str | Path, resolved: Mapping[str, Any], inputs: Sequence[str | Path]):
-    """The journal of a mask-producing shard job (:mod:`wsss.workflow.journal`): a resumed job
-    keeps only the PNGs it wrote itself with the same config and the same input files; a forced
-    rerun or a rerun after an upstream change rewrites every PNG."""
-    from .workflow.journal import journal_for
-
-    return journal_for(marker, config_hash=config_hash(resolved), inputs=inputs)
-
-
-def read_shard_markers(paths: Sequence[str | Path]) -> tuple[Path, list]:
-    """The mask folder and ids recorded by shard markers (all shards must share one folder)."""
-    mask_dir, ids, _ = read_shard_markers_full(paths)
-    return mask_dir, ids
-
-
-def read_shard_markers_full(paths: Sequence[str | Path]) -> tuple[Path, list, set]:
-    """The mask folder, the ids written and the ids skipped on purpose, from shard markers."""
-    import json
-
-    from .io import DataError
-
-    dirs, ids, skipped = set(), [], set()
-    for p in paths:
-        try:
-            m = json.loads(Path(p).read_text())
-            dirs.add(m["mask_dir"])
-            ids += m["ids"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"shard marker {p} is unreadable or incomplete ({type(e).__name__}: {e}); rerun its job") from e
-        skipped.update(m.get("skipped", []))
-    if len(dirs) != 1:
-        raise ValueError(f"shard markers {list(map(str, paths))} point at different mask folders: {sorted(dirs)}")
-    return Path(dirs.pop()), ids, skipped
+# JSON marker per shard as the tracked output (wsss.workflow.markers)
 
 
 def crf_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
@@ -396,7 +314,7 @@ def train_irn_stage(cfg: Mapping[str, Any], label_markers: Sequence[str], classi
     ids = stored_ids(ds.ids(cfg["dataset"]["train_split"]), skipped)
     infer_ids = stored_ids(ds.ids("train"), skipped) if "train" in ds.splits() else ids  # IRN: mean shift over infer_list = train
     device, workers = device_and_workers(threads)
-    _set_aside_stale_checkpoint(Path(work_dir) / "last.pt", irn_config(cfg))
+    set_aside_stale_checkpoint(Path(work_dir) / "last.pt", irn_config(cfg))
     return train_irn(ds, ids, label_dir, model_out, work_dir, irn_backbone_source(cfg, classifier_model),
                      infer_ids=infer_ids, resolved_config=irn_config(cfg), device=device, num_workers=workers,
                      progress=progress)

@@ -259,17 +259,6 @@ def target_cam(cams: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, s
     return F.interpolate(a, size=size, mode="bilinear", align_corners=False)
 
 
-def init_inputs(cfg: Mapping[str, Any]) -> List[str]:
-    """Model files an ``acr`` experiment's training needs (``classifier_init``/``reconstructor_init``
-    of the pre-trained-reconstructor ablation), for the workflow rule's input; ``[]`` otherwise.
-    ``cfg``: the experiment's merged config or its ``classifier`` section."""
-    c = cfg["classifier"] if "classifier" in cfg else cfg
-    if c.get("method") != "acr":
-        return []
-    opts = c.get("method_options") or {}
-    return [str(opts[k]) for k in ("classifier_init", "reconstructor_init") if opts.get(k)]
-
-
 # ----------------------------------------------------------------------------------------------
 # the method
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +378,13 @@ class ACRMethod(Method):
         self.recon_optimizer: Optional[torch.optim.SGD] = None
         if self.mode == "adversarial":
             self.recon_optimizer = torch.optim.SGD(self._recon_groups(), lr=0.0)
+
+    @classmethod
+    def required_files(cls, options: Mapping[str, Any]) -> List[str]:
+        """``classifier_init`` / ``reconstructor_init`` where set (the model files of the
+        pre-trained-reconstructor ablation), which the workflow trains first."""
+        opts = options or {}
+        return [str(opts[k]) for k in ("classifier_init", "reconstructor_init") if opts.get(k)]
 
     # -- parameter groups ----------------------------------------------------------------------
     def _classifier_groups(self) -> List[Dict[str, Any]]:

@@ -14,16 +14,22 @@ A method owns its networks (a backbone from ``wsss.models`` plus heads) and expo
 * ``batch_size_for_epoch(epoch, base)``: the batch size of an epoch (AEFT switches it; default
   constant);
 * ``train_step(batch, ctx, optimizer, scaler)`` (optional override): methods with several
-  optimisers or phases (ACR) take over the update; the default is one summed backward pass.
+  optimisers or phases (ACR) take over the update; the default is one summed backward pass;
+* ``required_files(options)`` (a classmethod): model files that training with these
+  ``method_options`` reads besides the data (SMAF's teacher, ACR's initialisations); the workflow
+  makes them inputs of the training job. Default: none.
 
 ``C`` is the number of foreground classes; methods with a background output (KTSE: C+1) still
 return only the foreground maps from ``cam``.
+
+The builders that use the registry (``build_method``, ``list_methods``, ``build_classifier``,
+``required_files``) are in the package, :mod:`wsss.methods`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Mapping
 
 import torch
 from torch import nn
@@ -71,46 +77,18 @@ class Method(nn.Module):
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
         return base
 
+    @classmethod
+    def required_files(cls, options: Mapping[str, Any]) -> List[str]:
+        """Files (paths as given in ``options``, the config's ``classifier.method_options``) that
+        building and training this method reads besides the data, e.g. a teacher model; the
+        workflow makes them inputs of the classifier training so that they are made first."""
+        return []
+
     @property
     def output_stride(self) -> int:
         return self.backbone.output_stride
 
 
-def _load_builtin_methods() -> None:
-    """Import every module of ``wsss.methods`` so their ``@METHODS.register`` decorators run."""
-    import importlib
-    import pkgutil
-
-    from .. import methods as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_") and info.name != "base":
-            importlib.import_module(f"{pkg.__name__}.{info.name}")
-
-
 #: Suffix of the ISL/FSL add-on (HFPL): ``"<method>+islfsl"`` wraps any registered method that
 #: implements the protocol of ``wsss.methods.islfsl`` (docs/methods/islfsl.md).
 ISLFSL_SUFFIX = "+islfsl"
-
-
-def build_method(name: str, num_classes: int, backbone: nn.Module, **options: Any) -> Method:
-    """Build the registered method ``name``; unknown names raise KeyError listing valid ones.
-
-    ``"<method>+islfsl"`` builds ``<method>`` wrapped by the ISL/FSL add-on; its options are
-    ``options["islfsl"]`` (a mapping), every other option goes to ``<method>``.
-    """
-    _load_builtin_methods()
-    if name.endswith(ISLFSL_SUFFIX):
-        from .islfsl import build_islfsl
-
-        return build_islfsl(name[: -len(ISLFSL_SUFFIX)], num_classes=num_classes, backbone=backbone, **options)
-    return METHODS.build(name, num_classes=num_classes, backbone=backbone, **options)
-
-
-def list_methods() -> List[str]:
-    """Registered names plus ``"<name>+islfsl"`` for each method that supports the add-on."""
-    _load_builtin_methods()
-    from .islfsl import supports_islfsl
-
-    names = METHODS.names()
-    return sorted(names + [n + ISLFSL_SUFFIX for n in names if supports_islfsl(METHODS.get(n))])

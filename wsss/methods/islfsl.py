@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .base import METHODS, Method, StepContext
+from .base import ISLFSL_SUFFIX, METHODS, Method, StepContext
 
-SUFFIX = "+islfsl"
+SUFFIX = ISLFSL_SUFFIX
 POSTERIORS = ("binomial", "multinomial")
 
 

@@ -7,7 +7,7 @@ Options, equations and paper/code deviations: ``docs/methods/smaf.md``.
 
 * **Teacher**: a trained classifier of any registered method (``teacher_path`` = a ``model.pt``
   written by :func:`wsss.engine.train`; its classifier config is read from that file or given as
-  ``teacher_config``), built with :func:`wsss.pipeline.build_classifier` and frozen (eval mode, no
+  ``teacher_config``), built with :func:`wsss.methods.build_classifier` and frozen (eval mode, no
   gradients). Per training batch it runs at scales ``0.5, 1, 1.5, 2`` (bicubic) with horizontal
   flips; its ReLU'd CAMs (``Method.cam``, paper Eq. 2) are flipped back, resized to the loss
   resolution and summed (Eq. 6).
@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import METHODS, Method, StepContext, build_method
+from . import build_classifier, build_method
+from .base import METHODS, Method, StepContext
 
 #: scales and background threshold of the official scripts
 SCALES = (0.5, 1.0, 1.5, 2.0)
@@ -115,21 +116,6 @@ def epochs_for_iterations(iterations: int, n_images: int, batch_size: int, drop_
     if steps < 1:
         raise ValueError(f"{n_images} images give no batch of {batch_size}")
     return max(1, round(iterations / steps))
-
-
-def teacher_inputs(cfg: Mapping[str, Any]) -> List[str]:
-    """The teacher model file(s) an experiment's classifier training needs (for the rule's input).
-
-    ``cfg``: the experiment's merged config (with a ``classifier`` section) or that section itself.
-    Returns ``[method_options.teacher_path]`` for ``method: smaf``, else ``[]``.
-    """
-    c = cfg["classifier"] if "classifier" in cfg else cfg
-    if c.get("method") != "smaf":
-        return []
-    path = (c.get("method_options") or {}).get("teacher_path")
-    if not path:
-        raise ValueError("config key 'classifier.method_options.teacher_path' is required for method smaf")
-    return [str(path)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +203,15 @@ class SMAFMethod(Method):
         self._teacher: List[Method] = []  # built on the first training step; not a submodule (not saved)
         self._fingerprint: Optional[str] = None
 
+    @classmethod
+    def required_files(cls, options: Mapping[str, Any]) -> List[str]:
+        """``[teacher_path]``: the teacher's ``model.pt`` (another experiment's classifier), which
+        the workflow trains first."""
+        path = (options or {}).get("teacher_path")
+        if not path:
+            raise ValueError("config key 'classifier.method_options.teacher_path' is required for method smaf")
+        return [str(path)]
+
     # -- delegation ----------------------------------------------------------------------------
     def param_groups(self) -> List[Dict[str, Any]]:
         return self.student.param_groups()
@@ -269,8 +264,6 @@ class SMAFMethod(Method):
     def teacher(self, device: torch.device) -> Method:
         """The frozen teacher (built from ``teacher_path`` on first use, eval mode, no gradients)."""
         if not self._teacher:
-            from ..pipeline import build_classifier
-
             state, tcfg = _read_teacher(self.teacher_path, self.teacher_config)
             c = {
                 "method": tcfg["method"], "method_options": dict(tcfg.get("method_options") or {}),

@@ -25,6 +25,7 @@ from .. import __version__
 from ..data.base import SegDataset
 from ..engine import load_model_state, train
 from ..io import write_json_atomic
+from ..workflow.jobs import device_and_workers, set_aside_stale_checkpoint
 from ..workflow.journal import NoJournal
 from ..workflow.per_image import todo_ids
 from .data import SegTrainSet, transform_from_params
@@ -64,8 +65,6 @@ def train_segmentation(
     training starts over. ``resolved_config`` (default: the resolved ``params``) is recorded in
     the outputs and its hash guards resuming.
     """
-    from ..pipeline import _set_aside_stale_checkpoint, device_and_workers
-
     p = resolve_params(params)
     gt = p["pseudo_masks"] == "gt"
     if gt and mask_dir is not None:
@@ -88,7 +87,7 @@ def train_segmentation(
         conf_dir=Path(conf_dir) if (p["use_confidence"] and conf_dir is not None) else None, gt=gt, seed=p["seed"],
     )
     if rank == 0:
-        _set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
+        set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
     torch.manual_seed(p["seed"])
     method = build_seg_method(p, ds.num_classes)
     log.info(
@@ -137,7 +136,6 @@ def predict_shard(
     the model's config hash, package version), written last, for the rule's output.
     """
     from ..cam_infer import shard_ids
-    from ..pipeline import device_and_workers
 
     p = resolve_params(params)
     mine = shard_ids(list(ids), shard_index, num_shards)
