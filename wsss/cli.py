@@ -128,7 +128,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if files:
         from .status import load_config
 
-        cfg = load_config(files, extra_checks=False)  # only the paths are needed: no registry checks (no torch)
+        cfg = load_config(files)
     from .config import dataset_tag, run_names
 
     tag = args.dataset or (dataset_tag(cfg) if cfg is not None else None)

@@ -97,11 +97,12 @@ class OutputStatus:
 # config
 
 
-def load_config(configfiles: Sequence[str | os.PathLike], extra_checks: bool = True) -> Dict[str, Any]:
+def load_config(configfiles: Sequence[str | os.PathLike], extra_checks: bool = False) -> Dict[str, Any]:
     """The validated workflow config of ``configfiles``, merged in order as Snakemake merges
     ``--configfile`` files (later files override earlier keys, mappings merged recursively), then
-    validated by :func:`wsss.config.validate_config` as ``rules/common.smk`` does (``extra_checks``:
-    the registry checks, which import torch; the defaults are filled in either way)."""
+    validated by :func:`wsss.config.validate_config` as ``rules/common.smk`` does: schema, defaults,
+    numbers and ranges (``extra_checks``: also the registry checks, which import torch and change
+    nothing in the config)."""
     import yaml
 
     from .config import ConfigError, deep_merge, validate_config
@@ -150,7 +151,7 @@ class ExpectedHashes:
         if run not in self._runs:
             from .config import run_config
 
-            self._runs[run] = run_config(self.cfg, run)
+            self._runs[run] = run_config(self.cfg, run, extra_checks=False)  # as rules/common.smk
         return self._runs[run]
 
     def stage_hash(self, run: str, stage: str, extra: Optional[Mapping[str, Any]] = None) -> str:
