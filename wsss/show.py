@@ -58,7 +58,7 @@ def _newest_first(paths: Sequence[Path]) -> List[Path]:
 
 
 def _read_markers(paths: Sequence[Path]):
-    from .pipeline import read_shard_markers_full  # public name; lazily, pipeline is the stages' module
+    from .workflow.markers import read_shard_markers_full
 
     return read_shard_markers_full(paths)
 
@@ -138,7 +138,8 @@ def check_image_id(ds, image_id: str) -> None:
 def image_panels(ds, run_dir: str | os.PathLike, image_id: str, per_class: bool = False) -> ImagePanels:
     """The panels of ``image_id`` for the run folder ``run_dir`` (``results/<dataset>/<experiment>/s<seed>``).
 
-    ``per_class``: one CAM panel per class present in the image instead of their maximum.
+    ``per_class``: one CAM panel per class present in the image (titled with its name) instead of
+    their maximum (titled ``CAM (max of K)``; with one class the panel is that class's).
     Raises :class:`ShowError` for an image id the dataset does not have.
     """
     from .viz import overlay_heatmap, overlay_labels
@@ -171,7 +172,7 @@ def image_panels(ds, run_dir: str | os.PathLike, image_id: str, per_class: bool 
             rec = None
         elif len(rec.keys) == 0:
             out.notes.append(f"CAM of {image_id!r}: no class present, no map")
-        elif per_class:
+        elif per_class or len(rec.keys) == 1:
             for k, plane in zip(rec.keys, hr):
                 out.panels.append(Panel(f"CAM {names[int(k) + 1]}", overlay_heatmap(img, plane)))
         else:
