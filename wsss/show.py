@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from .io import DataError
+from .workflow.markers import read_shard_markers_full
 
 #: (panel title, mask folder under the run) of the mask panels, in pipeline order
 MASK_PANELS: Tuple[Tuple[str, str], ...] = (
@@ -57,12 +58,6 @@ def _newest_first(paths: Sequence[Path]) -> List[Path]:
     return sorted(paths, key=lambda p: (p.stat().st_mtime_ns, str(p)), reverse=True)
 
 
-def _read_markers(paths: Sequence[Path]):
-    from .workflow.markers import read_shard_markers_full
-
-    return read_shard_markers_full(paths)
-
-
 def find_mask(folder: Path, image_id: str) -> Tuple[Optional[Path], str]:
     """The mask PNG of ``image_id`` written by the shard jobs whose markers lie in ``folder``, and
     a note when there is none (empty: no markers at all)."""
@@ -73,7 +68,7 @@ def find_mask(folder: Path, image_id: str) -> Tuple[Optional[Path], str]:
     unreadable = []
     for m in markers:
         try:
-            mask_dir, ids, skip = _read_markers([m])
+            mask_dir, ids, skip = read_shard_markers_full([m])
         except (DataError, ValueError) as e:  # a damaged marker: look at the others, say so
             unreadable.append(f"{m.name} ({e})")
             continue
