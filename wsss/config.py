@@ -77,7 +77,9 @@ def validate_config(config: Mapping[str, Any], extra_checks: bool = True) -> Dic
     Raises :class:`ConfigError` listing every problem, each naming its key: schema errors, NaN or
     infinite numbers anywhere in the config, and inverted ``[min, max]`` ranges. ``extra_checks``
     adds the checks the schema cannot express (names that live in registries, option names,
-    pretrained weights, and the merged config of every experiment).
+    pretrained weights, and the merged config of every experiment); they import torch, so the
+    Snakefile validates with ``extra_checks=False`` and runs them in a child process
+    (:mod:`wsss.workflow.config_check`).
     """
     if not isinstance(config, Mapping):
         raise ConfigError(f"the config must be a mapping, got {type(config).__name__}")
@@ -369,15 +371,16 @@ EXPERIMENT_SECTIONS = ("classifier", "cam", "seed_eval", "crf", "irn", "deeplab"
 DATA_SECTIONS = ("dataset", "synthetic", "voc12", "coco14")
 
 
-def experiment_config(cfg: Mapping[str, Any], name: str) -> Dict[str, Any]:
-    """The validated config of experiment ``name``: its overrides merged onto the base sections."""
+def experiment_config(cfg: Mapping[str, Any], name: str, extra_checks: bool = True) -> Dict[str, Any]:
+    """The validated config of experiment ``name``: its overrides merged onto the base sections
+    (``extra_checks``: as in :func:`validate_config`)."""
     if name not in cfg["experiments"]:
         raise ConfigError(f"unknown experiment {name!r}; configured: {', '.join(sorted(cfg['experiments']))}")
     merged = deep_merge(cfg, cfg["experiments"][name])
     merged["experiments"] = {name: {}}
     merged["tables"] = dict(merged.get("tables", {}), fully_supervised=None)  # a workflow-level setting
     try:
-        return validate_config(merged)
+        return validate_config(merged, extra_checks=extra_checks)
     except ConfigError as e:
         raise ConfigError(f"experiment {name!r}: {e}") from None
 
@@ -387,14 +390,14 @@ def run_names(cfg: Mapping[str, Any]) -> List[str]:
     return [f"{e}/s{seed}" for e in sorted(cfg["experiments"]) for seed in cfg["seeds"]]
 
 
-def run_config(cfg: Mapping[str, Any], run: str) -> Dict[str, Any]:
+def run_config(cfg: Mapping[str, Any], run: str, extra_checks: bool = True) -> Dict[str, Any]:
     """The validated config of run ``<experiment>/s<seed>``: the experiment's config with the seed
-    set in every stage that draws random numbers."""
+    set in every stage that draws random numbers (``extra_checks``: as in :func:`validate_config`)."""
     name, sep, seed_part = run.rpartition("/s")
     if not sep or not seed_part.isdigit() or int(seed_part) not in cfg["seeds"]:
         raise ConfigError(f"unknown run {run!r}; runs are <experiment>/s<seed> with seeds {cfg['seeds']}")
     seed = int(seed_part)
-    out = experiment_config(cfg, name)
+    out = experiment_config(cfg, name, extra_checks=extra_checks)
     out["classifier"]["seed"] = seed
     out["irn"]["train"] = dict(out["irn"]["train"], seed=seed)
     out["deeplab"]["seed"] = seed

@@ -1,5 +1,9 @@
 """Stage functions called by the rule scripts: each takes a validated (experiment) config and the
 paths Snakemake gives it, builds the objects and runs one step. No logic of their own beyond wiring.
+
+torch and the modules that need it are imported inside the stages that use them: the torch-free
+stages (seeds, CRF, IR labels, seed masks, evaluations, galleries) run in the ``data`` and ``crf``
+conda envs, which have no torch (tests/test_envs.py).
 """
 
 from __future__ import annotations
@@ -7,22 +11,20 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Sequence
 
 from . import __version__
 from .data import open_dataset, split_union
 from .data.base import read_labels_csv
-from .data.classification import ClassificationTrainSet, select_labelled
 from .data.transforms import TrainTransform
-from .engine import load_model_state, train, train_config_from
 from .io import copy_atomic
-from .methods import build_classifier
-from .methods.base import Method
+from .workflow.adapter import shard_ids
 from .workflow.jobs import device_and_workers, set_aside_stale_checkpoint
 from .workflow.markers import masks_dir, read_shard_markers, read_shard_markers_full, shard_journal, write_shard_marker
 from .workflow.stages import stage_params
+
+if TYPE_CHECKING:
+    from .methods.base import Method
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,12 @@ def train_classifier(cfg: Mapping[str, Any], labels_csv: str, model_out: str, wo
                      log_out: Optional[str] = None) -> Path:
     """Train the experiment's classifier; resumes from ``work_dir/last.pt`` of the same config.
     ``log_out``: where to copy the step log (loss terms per step) when training is done."""
+    import torch
+
+    from .data.classification import ClassificationTrainSet, select_labelled
+    from .engine import train, train_config_from
+    from .methods import build_classifier
+
     resolved = classifier_config(cfg)
     c = cfg["classifier"]
     ds = open_dataset(cfg)
@@ -77,6 +85,9 @@ def publish_train_log(work_dir: str | os.PathLike, log_out: Optional[str]) -> No
 
 
 def load_classifier(cfg: Mapping[str, Any], model_path: str, num_classes: int) -> Method:
+    from .engine import load_model_state
+    from .methods import build_classifier
+
     state = load_model_state(Path(model_path))
     method = build_classifier(cfg, num_classes, pretrained="none")
     method.load_state_dict(state["model"])
@@ -89,7 +100,8 @@ def cam_ids(cfg: Mapping[str, Any], ds) -> list:
 
 
 def infer_cam_shard(cfg: Mapping[str, Any], model_path: str, labels_csv: str, out_path: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
-    from .cam_infer import infer_cams, shard_ids
+    from .cam_infer import infer_cams
+    from .data.classification import select_labelled
 
     ds = open_dataset(cfg)
     labels = read_labels_csv(labels_csv, ds.class_names)
@@ -150,7 +162,6 @@ def evaluate_seeds(cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: st
 
 def crf_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
     """CRF masks of one shard of the CAM images (wsss.refine.crf), resumable."""
-    from .cam_infer import shard_ids
     from .cams import CamStore
     from .refine.crf import crf_masks_shard
 
@@ -190,7 +201,6 @@ def evaluate_mask_shards(cfg: Mapping[str, Any], markers: Sequence[str], out_csv
 
 def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv: str, marker: str, shard_index: int, num_shards: int) -> Path:
     """CAM seeds at the chosen background threshold as PNG label maps (a pseudo-mask source)."""
-    from .cam_infer import shard_ids
     from .cams import CamStore
     from .io import voc_palette, write_label_png
     from .seeds import cam_to_label, chosen_threshold
@@ -248,15 +258,13 @@ def deeplab_predict_shard(cfg: Mapping[str, Any], model_path: str, marker: str, 
     journal = shard_journal(marker, resolved, [model_path])
     predict_shard(ds, ids, model_path, cfg["deeplab"], out_dir, shard_index, num_shards, threads=threads, progress=progress,
                   journal=journal)
-    from .cam_infer import shard_ids
-
     write_shard_marker(marker, kind="deeplab", ids=shard_ids(ids, shard_index, num_shards), mask_dir=out_dir, resolved=resolved)
     journal.finish()
     return Path(marker)
 
 
 def evaluate_deeplab(cfg: Mapping[str, Any], markers: Sequence[str], metrics_csv: str, per_class_csv: str, gallery_png: str, progress: bool = True):
-    from .seg.evaluate import evaluate_predictions
+    from .seg.scoring import evaluate_predictions
 
     ds = open_dataset(cfg)
     pred_dir, _ = read_shard_markers(markers)
@@ -278,9 +286,8 @@ def irn_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def ir_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
-    from .cam_infer import shard_ids
     from .cams import CamStore
-    from .refine.irn import make_ir_labels
+    from .refine.ir_labels import make_ir_labels
 
     ds = open_dataset(cfg)
     resolved = stage_params(cfg, "ir_labels")
@@ -321,7 +328,6 @@ def train_irn_stage(cfg: Mapping[str, Any], label_markers: Sequence[str], classi
 
 
 def irn_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], model_path: str, marker: str, conf_marker: Optional[str], shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
-    from .cam_infer import shard_ids
     from .cams import CamStore
     from .refine.irn import make_irn_masks
 
