@@ -194,8 +194,8 @@ def test_non_finite_from_yaml(tmp_path):
         ({"classifier": {"color_jitter": [0.4, -0.4, 0.4, 0.1]}}, r"config key 'classifier.color_jitter.1'"),
         ({"seed_eval": {"thresholds": [0.1, 0.2, 0.1]}}, r"config key 'seed_eval.thresholds'"),
         ({"seed_eval": {"thresholds": [0.1, 1.2]}}, r"config key 'seed_eval.thresholds.1'"),
-        ({"irn": {"train": {"rescale": [1.5, 0.5]}}}, r"config key 'irn.train': .*rescale"),
-        ({"irn": {"ir_label": {"fg_thresh": 0.05, "bg_thresh": 0.3}}}, r"config key 'irn.ir_label': .*bg_thresh"),
+        ({"irn": {"train": {"rescale": [1.5, 0.5]}}}, r"config key 'irn.train.rescale': \[1.5, 0.5\] is not a range"),
+        ({"irn": {"ir_label": {"fg_thresh": 0.05, "bg_thresh": 0.3}}}, r"config key 'irn.ir_label.bg_thresh': 0.3 must not exceed irn.ir_label.fg_thresh"),
     ],
 )
 def test_inverted_or_invalid_ranges_are_refused(raw, match):

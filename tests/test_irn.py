@@ -4,6 +4,7 @@ training data, engine training + resume, mean shift, inference and the stage fun
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from wsss.cams import CamShardWriter, CamStore
+from wsss.config import section_defaults
 from wsss.io import read_label_png, write_label_png
 from wsss.refine.irn import (
     EPS,
@@ -398,7 +400,7 @@ def test_cam_to_ir_label_real_crf():
 
 def test_ir_label_params_validation():
     assert IRLabelParams.from_mapping(None) == IRLabelParams(0.30, 0.05, {})
-    with pytest.raises(ValueError, match="unknown key.*irn.ir_label"):
+    with pytest.raises(ValueError, match="unknown config key.*'fg'.*irn.ir_label"):
         IRLabelParams.from_mapping({"fg": 0.3})
     with pytest.raises(ValueError, match="irn.ir_label.crf"):
         IRLabelParams.from_mapping({"crf": {"sxy": 3}})
@@ -409,6 +411,13 @@ def test_ir_label_params_validation():
     with pytest.raises(ValueError, match="irn.infer.walk"):
         IRNInferParams.from_mapping({"walk": "exact"})
     assert IRNTrainParams.from_mapping({"rescale": [0.7, 1.2]}).rescale == (0.7, 1.2)
+    with pytest.raises(ValueError, match="irn.train.rescale"):
+        IRNTrainParams.from_mapping({"rescale": [1.2, 0.7]})
+    # no defaults of their own: every value comes from the schema (wsss.config.section_defaults)
+    for cls, key in ((IRLabelParams, "irn.ir_label"), (IRNTrainParams, "irn.train"), (IRNInferParams, "irn.infer")):
+        assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in dataclasses.fields(cls))
+        d = dataclasses.asdict(cls.from_mapping(None))
+        assert {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()} == section_defaults(key)
 
 
 def _cam_store(tmp_path, images, keys_of, seed=0):

@@ -573,6 +573,9 @@ def train_irn(
     ``model_out``.
     """
     p = IRNTrainParams.from_mapping(params)
+    if p.pretrained == "classifier":
+        raise ValueError("irn.train.pretrained 'classifier' names the workflow's classifier model file, which the caller "
+                         "resolves (wsss.pipeline.irn_backbone_source); pass 'none', 'imagenet' or a state_dict path")
     ids = list(ids)
     missing = [i for i in ids if not ir_label_path(label_dir, i).exists()]
     if missing:
