@@ -13,15 +13,17 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from torch import nn
 
+from wsss.config import ConfigError, load_config_file, section_defaults, validate_section
 from wsss.data.base import SegDataset
 from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from wsss.engine import rank_steps_per_epoch
 from wsss.io import read_label_png, write_label_png
 from wsss.metrics import BoundaryAccumulator, ConfusionMatrix
-from wsss.seg import BECO, DEFAULTS, predict_shard, resolve_params, train_segmentation
+from wsss.seg import predict_shard, train_segmentation
 from wsss.seg.data import SegTrainSet, SegTrainTransform, apply_confidence, read_confidence_png, resized_crop_box
 from wsss.seg.evaluate import InferenceSettings, beco_crf_image, evaluate_predictions, predict_label, predict_probs, predict_to_dir
 from wsss.seg.models import SEG_MODELS, build_seg_model
@@ -431,15 +433,21 @@ TINY = {"backbone": "resnet18_os8", "epochs": 1, "batch_size": 2, "crop_size": 2
 
 
 def test_params_defaults_beco_and_errors():
-    assert resolve_params(None)["model"] == "deeplabv2"
-    beco = resolve_params(BECO)
+    """Defaults come from the schema; the BECO recipe is configs/deeplab_beco.yaml (every key)."""
+    assert section_defaults("deeplab")["model"] == "deeplabv2"
+    assert validate_section("deeplab", None) == section_defaults("deeplab")
+    beco = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "deeplab_beco.yaml")["deeplab"]
     assert (beco["backbone"], beco["lr"], beco["batch_size"], beco["epochs"], beco["crop_size"]) == ("resnet101_os8", 0.01, 16, 100, 512)
     assert beco["test_scales"] == [0.75, 1.0, 1.25] and beco["fusion"] == "max" and beco["head_lr_mult"] == 1.0
-    assert set(BECO) == set(DEFAULTS)
-    with pytest.raises(ValueError, match="deeplab.fusion"):
-        resolve_params({"fusion": "median"})
-    with pytest.raises(ValueError, match="deeplab.pseudo_masks"):
-        resolve_params({"pseudo_masks": "cams"})
+    assert (beco["pretrained"], beco["use_confidence"], beco["seed"], beco["crf"], beco["crf_image"]) == ("imagenet_v2", True, 3223, True, "parity")
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "deeplab_beco.yaml").read_text())["deeplab"]
+    assert set(raw) == set(section_defaults("deeplab"))  # the recipe names every key
+    with pytest.raises(ConfigError, match="deeplab.fusion"):
+        validate_section("deeplab", {"fusion": "median"})
+    with pytest.raises(ConfigError, match="deeplab.pseudo_masks"):
+        validate_section("deeplab", {"pseudo_masks": "cams"})
+    with pytest.raises(ConfigError, match="deeplab.scale_range"):
+        validate_section("deeplab", {"scale_range": [0.5, 1.5]})
 
 
 def test_train_predict_shard_resumable(tmp_path, caplog):

@@ -4,14 +4,12 @@ Modules: :mod:`.models` (``SEG_MODELS``: ``deeplabv2``, ``deeplabv3plus``), :mod
 (training pairs, confidence masks, augmentation), :mod:`.train` (the network as a
 :class:`wsss.methods.base.Method` for :func:`wsss.engine.train`), :mod:`.evaluate` (multi-scale
 inference, CRF, prediction PNGs), :mod:`.scoring` (metrics of the prediction PNGs; no torch),
-:mod:`.params` (config section ``deeplab:``) and :mod:`.stages` (the functions the Snakemake rules
+:mod:`.params` (the names section ``deeplab:`` accepts) and :mod:`.stages` (the functions the Snakemake rules
 call). See docs/deeplab.md.
 
 The names of :mod:`.stages` are imported on first use, so that the torch-free modules
 (:mod:`.params`, :mod:`.scoring`) import without torch (the ``data`` conda env has none).
 """
-
-from .params import BECO, DEFAULTS, resolve_params
 
 _STAGES = ("evaluate_predictions", "load_seg_method", "predict_shard", "train_segmentation")
 
@@ -25,9 +23,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BECO",
-    "DEFAULTS",
-    "resolve_params",
     "train_segmentation",
     "predict_shard",
     "evaluate_predictions",

@@ -8,8 +8,8 @@
 * :func:`evaluate_predictions` - metrics CSVs (+ gallery) from the prediction PNGs
   (:func:`wsss.seg.evaluate.evaluate_predictions`).
 
-``params`` is the config section ``deeplab:`` (see docs/deeplab.md); missing keys take
-:data:`wsss.seg.params.DEFAULTS`.
+``params`` is the config section ``deeplab:`` (see docs/deeplab.md); missing keys take the
+schema's defaults (:func:`wsss.config.validate_section`).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import torch
 from .. import __version__
 from ..data.base import SegDataset
 from ..engine import load_model_state, train
+from ..config import validate_section
 from ..io import write_json_atomic
 from ..workflow.jobs import device_and_workers, set_aside_stale_checkpoint
 from ..workflow.journal import NoJournal
 from ..workflow.per_image import todo_ids
 from .data import SegTrainSet, transform_from_params
 from .evaluate import InferenceSettings, evaluate_predictions, predict_to_dir, prediction_path
-from .params import resolve_params
 from .train import SegmentationMethod, build_seg_method, seg_train_config
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def train_segmentation(
     training starts over. ``resolved_config`` (default: the resolved ``params``) is recorded in
     the outputs and its hash guards resuming.
     """
-    p = resolve_params(params)
+    p = validate_section("deeplab", params)
     gt = p["pseudo_masks"] == "gt"
     if gt and mask_dir is not None:
         raise ValueError(f"deeplab.pseudo_masks is 'gt' (train on the ground truth) but a pseudo-mask folder was given: {mask_dir}")
@@ -107,7 +107,7 @@ def load_seg_method(
     """A trained network from a model file written by :func:`train_segmentation` (``state``: the
     file's already loaded contents)."""
     state = load_model_state(Path(model_path)) if state is None else state
-    method = build_seg_method(resolve_params(params), num_classes, pretrained="none")
+    method = build_seg_method(validate_section("deeplab", params), num_classes, pretrained="none")
     try:
         method.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -137,7 +137,7 @@ def predict_shard(
     """
     from ..cam_infer import shard_ids
 
-    p = resolve_params(params)
+    p = validate_section("deeplab", params)
     mine = shard_ids(list(ids), shard_index, num_shards)
     journal = journal if journal is not None else NoJournal()
     todo, skipped = todo_ids(mine, journal, lambda i: prediction_path(out_dir, i).exists())
