@@ -109,7 +109,7 @@ def test_runs_per_seed():
         ({"deeplab": {"model": "deeplabv3plus", "backbone": "resnet38"}}, r"config key 'deeplab.backbone': .*stride-4"),
         ({"deeplab": {"model": "deeplabv3"}}, r"config key 'deeplab.model': 'deeplabv3' is not one of"),
         ({"deeplab": {"model_options": {"ratez": [6, 12]}}}, r"config key 'deeplab.model_options': .*ratez"),
-        ({"deeplab": {"crf_params": {"pos_wt": 3}}}, r"config key 'deeplab.crf_params': unknown option\(s\) \['pos_wt'\] of the DeepLab CRF; valid: .*pos_w"),
+        ({"deeplab": {"crf_params": {"pos_wt": 3}}}, r"unknown config key\(s\) 'pos_wt' under 'deeplab.crf_params'; valid keys: .*pos_w"),
         ({"crf": {"mode": "alfa"}}, r"config key 'crf.mode': 'alfa' is not one of"),
         # backbone options and method options (unknown names used to fail in the training job)
         ({"classifier": {"backbone": "resnet38"}}, r"config key 'classifier.backbone_options': .*trainable_from 'stage3'"),
@@ -221,6 +221,15 @@ def test_schema_enums_match_the_code():
 
     props = yaml.safe_load((REPO / "wsss" / "schemas" / "config.schema.yaml").read_text())["properties"]
     assert sorted(props["crf"]["properties"]["mode"]["enum"]) == sorted(crf.MODES)
+    # keyword options typed in the schema = the functions' keyword arguments
+    import inspect
+
+    def kwargs(fn, skip):
+        return sorted(n for n in inspect.signature(fn).parameters if n not in skip)
+
+    assert sorted(props["deeplab"]["properties"]["crf_params"]["properties"]) == kwargs(crf.deeplab_crf, ("img", "probs"))
+    ir_crf = props["irn"]["properties"]["ir_label"]["properties"]["crf"]["properties"]
+    assert sorted(ir_crf) == kwargs(crf.crf_inference_label, ("img", "labels", "n_labels"))
     from wsss.cam_infer import UPSAMPLE_AUTO, UPSAMPLES
 
     assert sorted(props["cam"]["properties"]["upsample"]["enum"]) == sorted(UPSAMPLES + (UPSAMPLE_AUTO,))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from wsss.cams import CamShardWriter, CamStore
+from wsss.config import section_defaults
 from wsss.data.voc import VOCDataset
 from wsss.io import DataError, read_label_png, voc_palette, write_label_png
 from wsss.metrics import ConfusionMatrix
@@ -17,10 +18,10 @@ from wsss.refine.crf import (
     crf_inference_label,
     crf_masks_shard,
     crf_seed_threshold,
+    crf_settings,
     crf_with_alpha,
     deeplab_crf,
     evaluate_masks,
-    resolve_params,
 )
 
 H, W, EDGE = 40, 60, 30  # two flat colour regions; the true foreground is columns >= EDGE
@@ -172,20 +173,25 @@ def test_deeplab_crf_single_class_and_checks(scene):
 # ------------------------------------------------------------------ config section
 
 
-def test_resolve_params_defaults_and_errors():
-    p = resolve_params({})
+def test_crf_settings_defaults_and_errors():
+    p = crf_settings({})
     assert p["mode"] == "alpha" and p["alpha"] == 9.0 and p["iterations"] == 10
     assert (p["bi_sxy"], p["bi_srgb"], p["bi_compat"]) == (80, 13, 10)  # PSA
-    q = resolve_params({"mode": "threshold", "shards": 4})
+    q = crf_settings({"mode": "threshold", "shards": 4})
     assert (q["bi_sxy"], q["bi_srgb"], q["bi_compat"]) == (50, 5, 10)  # IRN
     assert "shards" not in q
-    assert resolve_params({"mode": "threshold", "bi_sxy": 60})["bi_sxy"] == 60
+    assert crf_settings({"mode": "threshold", "bi_sxy": 60})["bi_sxy"] == 60
+    # the defaults are the schema's (no table of their own)
+    d = section_defaults("crf")
+    assert {k: p[k] for k in ("mode", "alpha", "bg_threshold", "iterations", "gt_prob")} == {k: d[k] for k in ("mode", "alpha", "bg_threshold", "iterations", "gt_prob")}
     with pytest.raises(ValueError, match="alpah"):
-        resolve_params({"alpah": 9})
+        crf_settings({"alpah": 9})
     with pytest.raises(ValueError, match="crf.mode"):
-        resolve_params({"mode": "magic"})
+        crf_settings({"mode": "magic"})
     with pytest.raises(ValueError, match="crf.iterations"):
-        resolve_params({"iterations": 2.5})
+        crf_settings({"iterations": 2.5})
+    with pytest.raises(ValueError, match="crf.bi_sxy"):
+        crf_settings({"bi_sxy": 0})
 
 
 # ------------------------------------------------------------------ stage + evaluation
@@ -284,7 +290,7 @@ def test_crf_masks_shard_errors(cam_setup, tmp_path):
     with CamStore(path) as store:
         with pytest.raises(KeyError, match="no CAM"):
             crf_masks_shard(ds, store, ids + ["not_an_id"], tmp_path, {}, progress=False)
-        with pytest.raises(ValueError, match="unknown key"):
+        with pytest.raises(ValueError, match="unknown config key.*'alhpa'.*under 'crf'"):
             crf_masks_shard(ds, store, ids, tmp_path, {"alhpa": 3}, progress=False)
 
 

@@ -374,10 +374,7 @@ def _check_deeplab(d: Mapping[str, Any]) -> None:
             raise ConfigError(f"config key 'deeplab.backbone': {problem}")
         raise ConfigError(f"config key 'deeplab.model_options': {problem}")
     _check_pretrained("deeplab.pretrained", d["pretrained"], d["backbone"])
-
-    from .refine.crf import deeplab_crf
-
-    _check_option_names("deeplab.crf_params", d["crf_params"], _option_names(deeplab_crf, ("img", "probs")), " of the DeepLab CRF")
+    # deeplab.crf_params: its keys are typed in the schema (tests/test_config.py checks them against deeplab_crf)
 
 
 @functools.lru_cache(maxsize=64)

@@ -50,12 +50,11 @@ from ..workflow.per_image import map_images
 __all__ = [
     "PSA_PAIRWISE",
     "IRN_PAIRWISE",
-    "DEFAULT_PARAMS",
     "crf_with_alpha",
     "crf_inference_label",
     "crf_seed_threshold",
     "deeplab_crf",
-    "resolve_params",
+    "crf_settings",
     "crf_mask",
     "mask_path",
     "crf_masks_shard",
@@ -325,61 +324,32 @@ def deeplab_crf(
 # stage: config section ``crf``
 # --------------------------------------------------------------------------------------------
 
-#: The config section ``crf:`` with its defaults (documented in docs/crf.md). Pairwise entries left
-#: ``None`` take the flavour's reference value (PSA 3/3/80/13/10 for ``alpha``, IRN 3/3/50/5/10 for
-#: ``threshold``).
-DEFAULT_PARAMS: Dict[str, Any] = {
-    "mode": "alpha",
-    "alpha": 9.0,
-    "bg_threshold": 0.20,
-    "iterations": 10,
-    "gt_prob": 0.7,
-    "gauss_sxy": None,
-    "gauss_compat": None,
-    "bi_sxy": None,
-    "bi_srgb": None,
-    "bi_compat": None,
-}
-#: Keys of the section that the workflow reads (e.g. the number of shards); accepted and ignored here.
-WORKFLOW_KEYS = ("shards", "split")
+#: Keys of the section that the workflow reads (the number of jobs); dropped by :func:`crf_settings`.
+WORKFLOW_KEYS = ("shards",)
+#: The modes of the section (the schema's enum of ``crf.mode``).
 MODES = ("alpha", "threshold")
 
 
-def resolve_params(params: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    """The ``crf`` config section with defaults filled in and checked; unknown keys raise."""
-    params = dict(params or {})
-    unknown = sorted(set(params) - set(DEFAULT_PARAMS) - set(WORKFLOW_KEYS))
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in config section 'crf'; valid keys: {', '.join(sorted(DEFAULT_PARAMS))}"
-        )
-    out = {k: params.get(k, v) for k, v in DEFAULT_PARAMS.items()}
-    for k, v in list(out.items()):
-        if v is None and k in PSA_PAIRWISE:
-            out[k] = (PSA_PAIRWISE if out["mode"] == "alpha" else IRN_PAIRWISE)[k]
-    if out["mode"] not in MODES:
-        raise ValueError(f"crf.mode must be one of {', '.join(MODES)}, got {out['mode']!r}")
+def crf_settings(params: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """The ``crf`` config section as :func:`crf_mask` takes it: checked against the config schema
+    with missing keys at the schema's defaults (:func:`wsss.config.validate_section`; a bad or
+    unknown key raises a ``ValueError`` naming it), pairwise terms left ``null`` set to the
+    flavour's reference values (:data:`PSA_PAIRWISE` in ``alpha`` mode, :data:`IRN_PAIRWISE` in
+    ``threshold`` mode), numbers as floats and the workflow keys dropped."""
+    from ..config import validate_section
+
+    out = validate_section("crf", params)
+    for k in WORKFLOW_KEYS:
+        out.pop(k, None)
+    flavour = PSA_PAIRWISE if out["mode"] == "alpha" else IRN_PAIRWISE
     for k in ("alpha", "bg_threshold", "gt_prob", *PSA_PAIRWISE):
-        v = out[k]
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0:
-            raise ValueError(f"crf.{k} must be a finite number >= 0, got {v!r}")
-        out[k] = float(v)
-    if not 0 < out["gt_prob"] < 1:
-        raise ValueError(f"crf.gt_prob must lie in (0, 1), got {out['gt_prob']!r}")
-    if not 0 <= out["bg_threshold"] <= 1:
-        raise ValueError(f"crf.bg_threshold must lie in [0, 1], got {out['bg_threshold']!r}")
-    for k in ("gauss_sxy", "bi_sxy", "bi_srgb"):
-        if out[k] <= 0:
-            raise ValueError(f"crf.{k} is a kernel width and must be > 0, got {out[k]!r}")
-    try:
-        out["iterations"] = _check_iterations(out["iterations"])
-    except ValueError:
-        raise ValueError(f"crf.iterations must be a non-negative integer, got {out['iterations']!r}") from None
+        out[k] = float(flavour[k] if out.get(k) is None and k in flavour else out[k])
+    out["iterations"] = int(out["iterations"])
     return out
 
 
 def crf_mask(img: np.ndarray, high_res: np.ndarray, keys: np.ndarray, resolved: Mapping[str, Any]) -> np.ndarray:
-    """One image's CRF mask (uint8 label ids) with :func:`resolve_params`'s output."""
+    """One image's CRF mask (uint8 label ids) with :func:`crf_settings`'s output."""
     pairwise = {k: resolved[k] for k in PSA_PAIRWISE}
     if resolved["mode"] == "alpha":
         return crf_with_alpha(img, high_res, keys, resolved["alpha"], t=resolved["iterations"], **pairwise)[1]
@@ -430,13 +400,13 @@ def crf_masks_shard(
     """CRF masks of ``ids`` as palette PNGs ``<out_dir>/<id>.png`` (label ids, VOC palette), atomically.
 
     ``ds``: a :class:`wsss.data.base.SegDataset` (images); ``store``: a :class:`wsss.cams.CamStore`
-    (``keys``, ``high_res``); ``params``: the ``crf`` config section (:func:`resolve_params`).
+    (``keys``, ``high_res``); ``params``: the ``crf`` config section (:func:`crf_settings`).
     Every PNG is (re)written except those an interrupted attempt of the same job recorded in
     ``journal`` (:class:`wsss.workflow.journal.ShardJournal`; None: no resume). ``workers`` > 1
     runs the CRFs in that many processes (pydensecrf is single-threaded). Returns
     ``{"written": n, "skipped": m}``.
     """
-    resolved = resolve_params(params)
+    resolved = crf_settings(params)
     ids = list(ids)
     missing = [i for i in ids if i not in store]
     if missing:
