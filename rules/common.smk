@@ -44,7 +44,7 @@ EXPERIMENTS = run_names(CFG)
 wildcard_constraints:
     experiment="|".join(re.escape(e) for e in EXPERIMENTS),
     scatteritem=r"\d+-of-\d+",
-    masks="|".join(re.escape(m) for m in ("crf", "irn/ir_labels", "irn/masks")),
+    masks="|".join(re.escape(m) for m in ("crf", "irn/ir_labels", "irn/masks", "affinitynet/masks")),
 
 
 def dataset_ready():
@@ -70,7 +70,8 @@ def classifier_inputs(wildcards):
 
 
 #: mask folder under a run -> (kind recorded in metrics.csv, scatter name of its shards)
-MASK_KINDS = {"crf": ("crf", "crf"), "irn/ir_labels": ("ir_labels", "irn"), "irn/masks": ("irn", "irn")}
+MASK_KINDS = {"crf": ("crf", "crf"), "irn/ir_labels": ("ir_labels", "irn"), "irn/masks": ("irn", "irn"),
+              "affinitynet/masks": ("affinitynet", "affinitynet")}
 
 
 def mask_markers(wildcards):
@@ -90,7 +91,8 @@ def seed_mask_markers(wildcards):
 def deeplab_mask_markers(wildcards):
     """Shard markers of the pseudo-masks DeepLab trains on (none for ground truth)."""
     source = EXPERIMENT_CFG[wildcards.experiment]["deeplab"]["pseudo_masks"]
-    folder = {"seeds": ("seeds/masks", "seeds"), "crf": ("crf", "crf"), "irn": ("irn/masks", "irn"), "gt": None}[source]
+    folder = {"seeds": ("seeds/masks", "seeds"), "crf": ("crf", "crf"), "irn": ("irn/masks", "irn"),
+              "affinitynet": ("affinitynet/masks", "affinitynet"), "gt": None}[source]
     return _shard_markers(*folder, wildcards) if folder else []
 
 
@@ -101,13 +103,15 @@ def deeplab_confidence_markers(wildcards):
 
 def experiment_targets(e):
     """Final outputs of experiment ``e`` (pseudo-mask evaluations are skipped for ground-truth
-    DeepLab runs, which need no pseudo-masks)."""
+    DeepLab runs, which need no pseudo-masks; AffinityNet runs only where DeepLab trains on it)."""
     targets = [f"{RESULTS}/{e}/deeplab/metrics.csv"]
     targets += [f"{RESULTS}/{e}/deeplab/training_curves.png"]
     if EXPERIMENT_CFG[e]["deeplab"]["pseudo_masks"] != "gt":
         targets += [f"{RESULTS}/{e}/classifier/training_curves.png", f"{RESULTS}/{e}/pseudo_mask_gallery.png",f"{RESULTS}/{e}/seeds/threshold_sweep.csv", f"{RESULTS}/{e}/seeds/gallery.png",
                     f"{RESULTS}/{e}/crf/metrics.csv", f"{RESULTS}/{e}/irn/ir_labels/metrics.csv",
                     f"{RESULTS}/{e}/irn/masks/metrics.csv"]
+    if EXPERIMENT_CFG[e]["deeplab"]["pseudo_masks"] == "affinitynet":
+        targets += [f"{RESULTS}/{e}/affinitynet/masks/metrics.csv"]
     return targets
 
 

@@ -102,7 +102,82 @@ rule irn_masks_shard:
         "scripts/irn_masks_shard.py"
 
 
-# Evaluation of a folder of masks (CRF, IR labels, IRN pseudo-masks) on the evaluation split: one
+# AffinityNet (PSA; wsss.refine.affinitynet, docs/affinitynet.md): the low/high-alpha CRF label
+# maps, AffinityNet training, random-walk pseudo-masks. Only experiments with
+# deeplab.pseudo_masks: affinitynet ask for them (or a target under affinitynet/).
+scattergather:
+    affinitynet=CFG["affinitynet"]["shards"],
+
+
+rule affinity_labels_shard:
+    input:
+        cams=gather.cams(f"{RESULTS}/{{{{experiment}}}}/cams/shard-{{scatteritem}}.h5"),
+    output:
+        marker=f"{RESULTS}/{{experiment}}/affinitynet/labels/shard-{{scatteritem}}.json",
+    params:
+        cfg=stage_params("affinity_labels"),
+    log:
+        f"{LOGS}/{{experiment}}/affinity_labels_shard-{{scatteritem}}.log",
+    benchmark:
+        f"{RESULTS}/{{experiment}}/benchmarks/affinity_labels_shard-{{scatteritem}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=res.mem_mb(4000),
+        runtime=res.runtime(240),
+    conda:
+        "../envs/crf.yaml"
+    script:
+        "scripts/affinity_labels_shard.py"
+
+
+rule train_affinitynet:
+    input:
+        labels=gather.affinitynet(f"{RESULTS}/{{{{experiment}}}}/affinitynet/labels/shard-{{scatteritem}}.json"),
+        classifier=f"{RESULTS}/{{experiment}}/classifier/model.pt",
+    output:
+        model=f"{RESULTS}/{{experiment}}/affinitynet/model.pt",
+    params:
+        cfg=stage_params("affinitynet_train"),
+        work_dir=f"{RESULTS}/{{experiment}}/affinitynet/work",
+    log:
+        f"{LOGS}/{{experiment}}/train_affinitynet.log",
+    benchmark:
+        f"{RESULTS}/{{experiment}}/benchmarks/train_affinitynet.tsv"
+    threads: 4
+    resources:
+        mem_mb=res.mem_mb(16000),
+        runtime=res.runtime(240),
+        gpu=1,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "scripts/train_affinitynet.py"
+
+
+rule affinitynet_masks_shard:
+    input:
+        cams=gather.cams(f"{RESULTS}/{{{{experiment}}}}/cams/shard-{{scatteritem}}.h5"),
+        model=f"{RESULTS}/{{experiment}}/affinitynet/model.pt",
+    output:
+        marker=f"{RESULTS}/{{experiment}}/affinitynet/masks/shard-{{scatteritem}}.json",
+    params:
+        cfg=stage_params("affinitynet_infer"),
+    log:
+        f"{LOGS}/{{experiment}}/affinitynet_masks_shard-{{scatteritem}}.log",
+    benchmark:
+        f"{RESULTS}/{{experiment}}/benchmarks/affinitynet_masks_shard-{{scatteritem}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=res.mem_mb(4000),
+        runtime=res.runtime(240),
+        gpu=1,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "scripts/affinitynet_masks_shard.py"
+
+
+# Evaluation of a folder of masks (CRF, IR labels, IRN or AffinityNet pseudo-masks) on the evaluation split: one
 # rule, the mask kind is the `masks` wildcard (its folder under the run).
 rule eval_masks:
     input:

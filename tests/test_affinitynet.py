@@ -384,6 +384,61 @@ def test_params_defaults_presets_and_validation():
         AffinityTrainParams.from_mapping({"color_jitter": [0.3, 0.3]})
 
 
+def test_params_defaults_are_the_config_schemas():
+    """One source of truth: the parameter classes' defaults are the schema's ``affinitynet``
+    defaults (read from it), key for key, and a validated empty config holds exactly them."""
+    import dataclasses
+
+    import yaml
+
+    from wsss.config import SCHEMA_PATH, validate_config
+
+    props = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]["affinitynet"]["properties"]
+    cfg = validate_config({}, extra_checks=False)["affinitynet"]
+    for sub, cls in (("label", AffinityLabelParams), ("train", AffinityTrainParams), ("infer", AffinityInferParams)):
+        schema = {k: v["default"] for k, v in props[sub]["properties"].items()}
+        lib = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cls()).items()}
+        assert lib == schema == cfg[sub], sub
+        assert cls.from_mapping(cfg[sub]) == cls()
+    # PSA's values (docs/affinitynet.md)
+    assert AffinityTrainParams().backbone == "resnet38" and AffinityTrainParams().crop_size == 448
+    assert (AffinityLabelParams().high_alpha, AffinityInferParams().alpha, AffinityInferParams().beta) == (32.0, 16.0, 8.0)
+    assert set(cfg) == {"label", "train", "infer", "shards"}
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"affinitynet": {"train": {"epochs": 0}}}, r"'affinitynet.train.epochs'"),
+    ({"affinitynet": {"infer": {"exp_times": 8}}}, r"'exp_times' under 'affinitynet.infer'"),
+    ({"affinitynet": {"label": {"low_alpha": 40}}}, r"affinitynet.label.*low_alpha"),
+    ({"affinitynet": {"label": {"crf": {"gt_prob": 0.7}}}}, r"'gt_prob' under 'affinitynet.label.crf'"),
+    ({"affinitynet": {"train": {"backbone": "vgg16"}}}, r"'affinitynet.train.backbone': unknown backbone 'vgg16'"),
+    ({"affinitynet": {"train": {"backbone": "resnet50", "pretrained": "classifier"}}}, r"'affinitynet.train.backbone'.*cannot start from"),
+    ({"affinitynet": {"train": {"pretrained": "imagnet"}}}, r"'affinitynet.train.pretrained'"),
+    ({"experiments": {"x": {"affinitynet": {"infer": {"walk": "fast"}}}}}, r"experiments.x.affinitynet.infer.*walk"),
+    ({"deeplab": {"pseudo_masks": "psa"}}, r"'deeplab.pseudo_masks'"),
+])
+def test_bad_affinitynet_configs_name_the_key(raw, match):
+    from wsss.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=match):
+        validate_config(raw)
+
+
+def test_affinitynet_experiment_override_and_run_seed():
+    from wsss.config import run_config, validate_config
+    from wsss.workflow.stages import stage_params
+
+    cfg = validate_config({"seeds": [3], "experiments": {"aff": {"affinitynet": {"train": {"epochs": 2}, "shards": 4},
+                                                                  "deeplab": {"pseudo_masks": "affinitynet"}}}})
+    run = run_config(cfg, "aff/s3")
+    assert run["affinitynet"]["train"]["epochs"] == 2 and run["affinitynet"]["train"]["seed"] == 3
+    assert run["affinitynet"]["train"]["lr"] == 0.1  # merged, not replaced
+    assert run["deeplab"]["pseudo_masks"] == "affinitynet"
+    assert set(stage_params(run, "affinity_labels")["affinitynet"]) == {"label"}
+    assert set(stage_params(run, "affinitynet_train")["affinitynet"]) == {"train"}
+    assert set(stage_params(run, "affinitynet_infer")["affinitynet"]) == {"infer"}
+
+
 # ------------------------------------------------------------------------------------------------
 # stage functions: labels -> training -> masks
 # ------------------------------------------------------------------------------------------------

@@ -207,6 +207,18 @@ def _check_names(cfg: Dict[str, Any]) -> None:
                 f"config key '{where}.backbone': unknown backbone {c['backbone']!r}; valid: {', '.join(list_backbones())}"
             )
 
+    from .refine.affinitynet_params import AffinityInferParams, AffinityLabelParams, AffinityTrainParams
+
+    for where, c in [("affinitynet", cfg["affinitynet"])] + [
+        (f"experiments.{n}.affinitynet", o.get("affinitynet", {})) for n, o in cfg["experiments"].items()
+    ]:
+        for sub, cls in (("label", AffinityLabelParams), ("train", AffinityTrainParams), ("infer", AffinityInferParams)):
+            if isinstance(c.get(sub), Mapping):
+                try:
+                    cls.from_mapping(c[sub])
+                except (TypeError, ValueError) as e:
+                    raise ConfigError(f"config key '{where}.{sub}': {e}") from None
+
     fs = cfg["tables"]["fully_supervised"]
     if fs is not None and fs not in cfg["experiments"]:
         raise ConfigError(f"config key 'tables.fully_supervised': {fs!r} is not an experiment; configured: {sorted(cfg['experiments'])}")
@@ -224,6 +236,7 @@ def _check_names(cfg: Dict[str, Any]) -> None:
 
     _check_classifier(cfg["classifier"])
     _check_irn_backbone(cfg["irn"]["train"], cfg["classifier"])
+    _check_affinitynet_backbone(cfg["affinitynet"]["train"], cfg["classifier"])
     _check_deeplab(cfg["deeplab"])
 
     # every experiment's merged config (the Snakefile builds each run's config before the DAG too;
@@ -360,6 +373,27 @@ def _check_irn_backbone(train: Mapping[str, Any], classifier: Mapping[str, Any])
             )
 
 
+def _check_affinitynet_backbone(train: Mapping[str, Any], classifier: Mapping[str, Any]) -> None:
+    from .models import list_backbones
+
+    name = train["backbone"]
+    if name not in list_backbones():
+        raise ConfigError(f"config key 'affinitynet.train.backbone': unknown backbone {name!r}; valid: {', '.join(list_backbones())}")
+    _check_pretrained("affinitynet.train.pretrained", train["pretrained"], name, also=("classifier",))
+    if train["pretrained"] == "classifier":
+        # the workflow loads the classifier's trained backbone into the AffinityNet backbone
+        own = _backbone_summary(name, "{}")["shapes"]
+        src = _backbone_summary(classifier["backbone"], "{}")["shapes"]
+        common = set(own) & set(src)
+        misfit = sorted(k for k in common if own[k] != src[k])
+        if not common or misfit:
+            why = f"{len(misfit)} tensors differ in shape (e.g. {misfit[0]})" if misfit else "no parameter names match"
+            raise ConfigError(
+                f"config key 'affinitynet.train.backbone': {name!r} cannot start from classifier.backbone {classifier['backbone']!r} "
+                f"(affinitynet.train.pretrained: classifier): {why}; use the classifier's backbone family or another pretrained"
+            )
+
+
 def _check_deeplab(d: Mapping[str, Any]) -> None:
     from .models import list_backbones
     from .seg.models import list_seg_models
@@ -405,7 +439,7 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, An
 
 
 #: Config sections that an experiment may override.
-EXPERIMENT_SECTIONS = ("classifier", "cam", "seed_eval", "crf", "irn", "deeplab")
+EXPERIMENT_SECTIONS = ("classifier", "cam", "seed_eval", "crf", "irn", "affinitynet", "deeplab")
 #: Sections that describe the data (part of every stage's recorded config).
 DATA_SECTIONS = ("dataset", "synthetic", "voc12", "coco14")
 
@@ -439,6 +473,7 @@ def run_config(cfg: Mapping[str, Any], run: str, extra_checks: bool = True) -> D
     out = experiment_config(cfg, name, extra_checks=extra_checks)
     out["classifier"]["seed"] = seed
     out["irn"]["train"] = dict(out["irn"]["train"], seed=seed)
+    out["affinitynet"]["train"] = dict(out["affinitynet"]["train"], seed=seed)
     out["deeplab"]["seed"] = seed
     opts = out["classifier"]["method_options"]
     for k, v in list(opts.items()):

@@ -2,7 +2,7 @@
 
 ``summary.csv`` columns (fractions in [0, 1], NaN where a stage did not run for an experiment):
 ``seed_miou`` (at ``seed_threshold``, chosen with ground truth), ``crf_miou``, ``ir_label_precision``
-and ``ir_label_coverage`` (confident pixels), ``ir_label_miou``, ``irn_miou``, ``deeplab_miou``,
+and ``ir_label_coverage`` (confident pixels), ``ir_label_miou``, ``irn_miou``, ``affinitynet_miou``, ``deeplab_miou``,
 ``deeplab_jf``, ``deeplab_pseudo_masks``, ``weak_full_ratio`` (DeepLab mIoU over that of the
 fully supervised experiment named in ``tables.fully_supervised``), and ``time_<stage>_s``: wall
 seconds of each stage from Snakemake's benchmark files (sharded stages summed over shards).
@@ -25,7 +25,7 @@ from .io import atomic_path, write_text_atomic
 
 #: Benchmark file stems (before ``-<shard>``) of each stage.
 STAGES = ("train_classifier", "cam_shard", "crf_shard", "ir_labels_shard", "train_irn", "irn_masks_shard",
-          "train_deeplab", "deeplab_predict_shard")
+          "affinity_labels_shard", "train_affinitynet", "affinitynet_masks_shard", "train_deeplab", "deeplab_predict_shard")
 
 
 def _metrics(path: Path, columns: Sequence[str]) -> Dict[str, object]:
@@ -84,6 +84,7 @@ def experiment_row(results: Path, run: str) -> Dict[str, object]:
     row["ir_label_coverage"] = float(ir["coverage"])
     row["ir_label_miou"] = float(ir["miou_confident"])
     row["irn_miou"] = _metric(d / "irn" / "masks" / "metrics.csv", "miou")
+    row["affinitynet_miou"] = _metric(d / "affinitynet" / "masks" / "metrics.csv", "miou")
     dl_path = d / "deeplab" / "metrics.csv"
     dl = _metrics(dl_path, ["miou", "JF", "pseudo_masks"])
     row["deeplab_miou"] = float(dl["miou"])

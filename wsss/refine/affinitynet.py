@@ -29,16 +29,18 @@ every deviation are in docs/affinitynet.md. Parts:
 * stage functions: :func:`make_affinity_labels` (the two CRF label maps per image),
   :func:`train_affinitynet` (:func:`wsss.engine.train`, resumable), :func:`make_affinitynet_masks`,
   and the model file helpers :func:`save_affinitynet` / :func:`load_affinitynet`.
+
+The parameter classes and :data:`PRESETS` live in :mod:`wsss.refine.affinitynet_params` (defaults
+read from the config schema), the training labels and :func:`make_affinity_labels` in
+:mod:`wsss.refine.affinity_labels` (no torch, for the ``crf`` conda env); both are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import numbers
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -49,10 +51,22 @@ from torch import nn
 
 from ..config import config_hash
 from ..engine import TrainConfig, load_model_state, save_checkpoint, train
-from ..io import DataError, read_label_png, voc_palette, write_label_png
+from ..io import DataError, voc_palette, write_label_png
 from ..methods.base import Method, StepContext
 from ..models.backbones import Backbone, build_backbone
 from ..workflow.per_image import map_images, todo_ids
+from .affinity_labels import (
+    IGNORE,
+    crf_label_pair,
+    downsample_label,
+    downsample_scores,
+    label_pair_paths,
+    make_affinity_labels,
+    psa_label,
+    psa_training_label,
+    read_label_pair,
+)
+from .affinitynet_params import PRESETS, WALKS, AffinityInferParams, AffinityLabelParams, AffinityTrainParams, is_number
 from .path_index import radius_floor, search_directions
 
 __all__ = [
@@ -90,287 +104,12 @@ __all__ = [
     "make_affinitynet_masks",
 ]
 
-IGNORE = 255
 #: ``1e-5`` of ``train_aff.py`` (inside the logs and the pair counts).
 EPS = 1e-5
 #: The uint8 colour of a zero (= mean) pixel after ImageNet normalisation, de-normalised and cast the
 #: way AEFT's ``infer_aff.py`` does it before the CRF: ``uint8(mean · 255)``.
 _PAD_COLOUR = (123, 116, 103)
-WALKS = ("sparse", "dense")
 _PALETTE = voc_palette()
-
-
-# ----------------------------------------------------------------------------------------------
-# parameters (config section ``affinitynet``)
-# ----------------------------------------------------------------------------------------------
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-class _Params:
-    """``from_mapping`` and checks for the parameter dataclasses (unknown keys name the section)."""
-
-    SECTION = "affinitynet"
-
-    @classmethod
-    def from_mapping(cls, m: Optional[Mapping[str, Any]]):
-        if isinstance(m, cls):
-            return m
-        m = dict(m or {})
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(m) - set(names))
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in config section '{cls.SECTION}'; valid keys: {', '.join(names)}")
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items()})
-
-    def _fail(self, key: str, msg: str) -> None:
-        raise ValueError(f"{self.SECTION}.{key} {msg}, got {getattr(self, key)!r}")
-
-    def _number(self, key: str, lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> None:
-        v = getattr(self, key)
-        if not _is_number(v) or v < lo or v > hi or (lo_open and v == lo):
-            self._fail(key, f"must be a number in {'(' if lo_open else '['}{lo}, {hi}]")
-
-    def _integer(self, key: str, lo: int) -> None:
-        v = getattr(self, key)
-        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
-            self._fail(key, f"must be an integer >= {lo}")
-
-    def _bool(self, key: str) -> None:
-        if not isinstance(getattr(self, key), bool):
-            self._fail(key, "must be true or false")
-
-
-_PSA_CRF_KEYS = {"t", "gauss_sxy", "gauss_compat", "bi_sxy", "bi_srgb", "bi_compat"}
-
-
-@dataclass(frozen=True)
-class AffinityLabelParams(_Params):
-    """``affinitynet.label``: the two "CRF with alpha" runs whose label maps make the training
-    labels (:func:`wsss.refine.crf.crf_with_alpha`; ``crf``: its keyword arguments ``t, gauss_sxy,
-    gauss_compat, bi_sxy, bi_srgb, bi_compat``, unset keys keep the PSA CRF values)."""
-
-    SECTION = "affinitynet.label"
-    low_alpha: float = 4.0
-    high_alpha: float = 32.0
-    crf: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        self._number("low_alpha", 0.0)
-        self._number("high_alpha", 0.0)
-        if self.low_alpha > self.high_alpha:
-            raise ValueError(
-                f"affinitynet.label.low_alpha ({self.low_alpha}) must not exceed affinitynet.label.high_alpha ({self.high_alpha})"
-            )
-        if not isinstance(self.crf, Mapping):
-            self._fail("crf", "must be a mapping of CRF keyword arguments")
-        unknown = sorted(set(self.crf) - _PSA_CRF_KEYS)
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in affinitynet.label.crf; valid keys: {', '.join(sorted(_PSA_CRF_KEYS))}")
-
-
-@dataclass(frozen=True)
-class AffinityTrainParams(_Params):
-    """``affinitynet.train``: network, training data and optimisation (defaults: ``jiwoon-ahn/psa``
-    README and ``train_aff.py``)."""
-
-    SECTION = "affinitynet.train"
-    backbone: str = "resnet38"
-    pretrained: str = "none"
-    trainable_from: Optional[str] = None
-    taps: Optional[Tuple[str, ...]] = None
-    radius: int = 5
-    crop_size: int = 448
-    hflip: bool = True
-    color_jitter: Optional[Tuple[float, float, float, float]] = (0.3, 0.3, 0.3, 0.1)
-    batch_size: int = 8
-    epochs: int = 8
-    lr: float = 0.1
-    head_lr_mult: float = 10.0
-    weight_decay: float = 5e-4
-    momentum_mode: str = "reference"
-    momentum: float = 0.9
-    poly_power: float = 0.9
-    amp: bool = True
-    seed: int = 0
-    bg_weight: float = 0.25
-    fg_weight: float = 0.25
-    neg_weight: float = 0.5
-
-    def __post_init__(self):
-        if not isinstance(self.backbone, str):
-            self._fail("backbone", "must be a backbone name")
-        if not isinstance(self.pretrained, str):
-            self._fail("pretrained", "must be 'none', 'imagenet', 'classifier' or a path")
-        if self.trainable_from is not None and not isinstance(self.trainable_from, str):
-            self._fail("trainable_from", "must be a stage name or null (the backbone's default)")
-        if self.taps is not None and not (isinstance(self.taps, tuple) and len(self.taps) >= 1
-                                          and all(isinstance(t, str) for t in self.taps)):
-            self._fail("taps", "must be a list of backbone tap names or null (automatic)")
-        self._integer("radius", 2)
-        self._integer("crop_size", 8)
-        for k in ("batch_size", "epochs"):
-            self._integer(k, 1)
-        self._integer("seed", 0)
-        for k in ("lr", "head_lr_mult", "weight_decay", "momentum", "poly_power", "bg_weight", "fg_weight", "neg_weight"):
-            self._number(k, 0.0)
-        if self.momentum_mode not in ("reference", "standard"):
-            self._fail("momentum_mode", "must be 'reference' or 'standard'")
-        if self.color_jitter is not None and not (
-            isinstance(self.color_jitter, tuple) and len(self.color_jitter) == 4 and all(_is_number(v) and v >= 0 for v in self.color_jitter)
-        ):
-            self._fail("color_jitter", "must be [brightness, contrast, saturation, hue] (>= 0) or null")
-        for k in ("hflip", "amp"):
-            self._bool(k)
-
-
-@dataclass(frozen=True)
-class AffinityInferParams(_Params):
-    """``affinitynet.infer``: random walk and labels (defaults: ``jiwoon-ahn/psa`` README, ``infer_aff.py``).
-
-    ``crf_t`` = 0 skips the CRF after the walk (PSA, HFPL); AEFT runs the PSA CRF with ``t = 1``
-    (``crf``: its pairwise keyword arguments, unset keys keep the PSA CRF values).
-    """
-
-    SECTION = "affinitynet.infer"
-    alpha: float = 16.0
-    beta: float = 8.0
-    logt: int = 8
-    walk: str = "sparse"
-    crf_t: int = 0
-    crf: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        self._number("alpha", 0.0)
-        self._number("beta", 0.0, lo_open=True)
-        self._integer("logt", 0)
-        self._integer("crf_t", 0)
-        if self.walk not in WALKS:
-            self._fail("walk", f"must be one of {', '.join(WALKS)}")
-        if not isinstance(self.crf, Mapping):
-            self._fail("crf", "must be a mapping of CRF keyword arguments")
-        unknown = sorted(set(self.crf) - (_PSA_CRF_KEYS - {"t"}))
-        if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in affinitynet.infer.crf; valid keys: "
-                             f"{', '.join(sorted(_PSA_CRF_KEYS - {'t'}))}")
-
-
-#: Per-paper settings (docs/affinitynet.md): the ``affinitynet`` config values each official code base
-#: runs with. ``psa``: the ``jiwoon-ahn/psa`` README (ResNet-38, alphas 4/16/32, beta 8, t = 256);
-#: ``aeft``: ``KAIST-vilab/AEFT`` README ``--low 2 --high 21 --dup 19`` and ``infer_aff.py`` (beta 8,
-#: logt 6, PSA CRF t = 1 after the walk; lr 0.01, initialised from the trained CAM network);
-#: ``hfpl``: ``arvijj/hfpl`` ``run_voc.sh`` (CRF alphas 1/24, walk alpha 6, beta 8, logt 6, no CRF;
-#: lr 0.01, ImageNet initialisation).
-PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
-    "psa": {
-        "label": {"low_alpha": 4.0, "high_alpha": 32.0},
-        "train": {"lr": 0.1, "pretrained": "imagenet"},
-        "infer": {"alpha": 16.0, "beta": 8.0, "logt": 8, "crf_t": 0},
-    },
-    "aeft": {
-        "label": {"low_alpha": 2.0, "high_alpha": 21.0},
-        "train": {"lr": 0.01, "pretrained": "classifier"},
-        "infer": {"alpha": 19.0, "beta": 8.0, "logt": 6, "crf_t": 1},
-    },
-    "hfpl": {
-        "label": {"low_alpha": 1.0, "high_alpha": 24.0},
-        "train": {"lr": 0.01, "pretrained": "imagenet", "seed": 1},
-        "infer": {"alpha": 6.0, "beta": 8.0, "logt": 6, "crf_t": 0},
-    },
-}
-
-
-# ----------------------------------------------------------------------------------------------
-# training labels (voc12/data.py::VOC12AffDataset)
-# ----------------------------------------------------------------------------------------------
-
-
-def psa_label(la: Any, ha: Any, valid: Optional[Any] = None) -> np.ndarray:
-    """The PSA training label from the low-alpha (``la``) and high-alpha (``ha``) CRF label maps
-    (reference ``VOC12AffDataset.__getitem__``): ``la`` where ``la`` is foreground, 255 where ``la``
-    is background, then 0 where ``ha`` is background, then 255 where there is no score (``valid``
-    False, or 255 in either map — the reference's zero-padded crop border).
-
-    A small ``alpha`` gives a large background score, so the low-alpha CRF's foreground is confident
-    foreground; a large ``alpha`` gives a small background score, so the high-alpha CRF's background
-    is confident background. Labels may be label ids or key indices (only equality matters later).
-    Returns uint8 of the maps' shape.
-    """
-    la = np.asarray(la)
-    ha = np.asarray(ha)
-    if la.shape != ha.shape:
-        raise ValueError(f"psa_label: low-alpha label {la.shape} and high-alpha label {ha.shape} differ in shape")
-    if la.size and (la.min() < 0 or la.max() > IGNORE or ha.min() < 0 or ha.max() > IGNORE):
-        raise ValueError("psa_label: labels must lie in [0, 255]")
-    out = la.astype(np.uint8).copy()
-    out[la == 0] = IGNORE
-    out[ha == 0] = 0
-    out[(la == IGNORE) | (ha == IGNORE)] = IGNORE
-    if valid is not None:
-        valid = np.asarray(valid, dtype=bool)
-        if valid.shape != la.shape:
-            raise ValueError(f"psa_label: valid mask {valid.shape} does not match the labels {la.shape}")
-        out[~valid] = IGNORE
-    return out
-
-
-def downsample_scores(scores: Any, stride: int) -> np.ndarray:
-    """``C × H × W`` score maps averaged over ``stride × stride`` blocks (reference
-    ``tool/imutils.py::AvgPool2d`` = ``skimage.measure.block_reduce(…, np.mean)``): the maps are
-    zero-padded at the bottom/right to a multiple of ``stride`` and every block is averaged over
-    all ``stride²`` cells. Returns float32 ``C × ceil(H/s) × ceil(W/s)``."""
-    s = np.asarray(scores, dtype=np.float32)
-    if s.ndim != 3:
-        raise ValueError(f"downsample_scores: scores must have shape (C, H, W), got {s.shape}")
-    stride = int(stride)
-    if stride < 1:
-        raise ValueError(f"downsample_scores: stride must be >= 1, got {stride}")
-    c, h, w = s.shape
-    hs, ws = -(-h // stride), -(-w // stride)
-    s = np.pad(s, ((0, 0), (0, hs * stride - h), (0, ws * stride - w)))
-    return s.reshape(c, hs, stride, ws, stride).mean(axis=(2, 4), dtype=np.float64).astype(np.float32)
-
-
-def downsample_label(label: Any, stride: int) -> np.ndarray:
-    """A label map downsampled as the reference downsamples the CRF scores: one-hot planes (255
-    contributes to none), :func:`downsample_scores`, argmax (ties → the smaller label), 255 where a
-    block holds no scored pixel (``max < 1e-5``, the reference's ``no_score_region``). With one-hot
-    CRF outputs this is exactly the reference's pooling: each block takes its most frequent label."""
-    label = np.asarray(label)
-    if label.ndim != 2:
-        raise ValueError(f"downsample_label: label must have shape (H, W), got {label.shape}")
-    values = np.unique(label[label != IGNORE])
-    hs, ws = -(-label.shape[0] // int(stride)), -(-label.shape[1] // int(stride))
-    if values.size == 0:
-        return np.full((hs, ws), IGNORE, np.uint8)
-    onehot = (label[None] == values[:, None, None]).astype(np.float32)
-    pooled = downsample_scores(onehot, stride)
-    out = values[pooled.argmax(0)].astype(np.uint8)
-    out[pooled.max(0) < 1e-5] = IGNORE
-    return out
-
-
-def psa_training_label(la: Any, ha: Any, stride: int = 8) -> np.ndarray:
-    """The PSA training label on the feature grid from two full-resolution CRF label maps (255 =
-    no score, e.g. crop padding): each map downsampled by :func:`downsample_label`, then combined
-    by :func:`psa_label` (the reference pools and takes the argmax of each score stack first and
-    combines afterwards). Returns uint8 ``ceil(H/s) × ceil(W/s)``."""
-    return psa_label(downsample_label(la, stride), downsample_label(ha, stride))
-
-
-def crf_label_pair(img: np.ndarray, high_res: np.ndarray, keys: Sequence[int], params: Union[AffinityLabelParams, Mapping[str, Any], None] = None,
-                   crf_fn: Optional[Callable[..., Tuple[np.ndarray, np.ndarray]]] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """The low-alpha and high-alpha CRF label maps of one image (``infer_cls.py`` of PSA: "CRF with
-    alpha" at ``low_alpha`` and ``high_alpha``; default ``crf_fn`` :func:`wsss.refine.crf.crf_with_alpha`).
-    Returns ``(la, ha)``, uint8 label ids ``H × W``."""
-    p = AffinityLabelParams.from_mapping(params)
-    if crf_fn is None:
-        from .crf import crf_with_alpha as crf_fn  # lazy: pydensecrf only for this step
-    la = crf_fn(img, high_res, keys, p.low_alpha, **dict(p.crf))[1]
-    ha = crf_fn(img, high_res, keys, p.high_alpha, **dict(p.crf))[1]
-    return np.asarray(la, np.uint8), np.asarray(ha, np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -714,7 +453,7 @@ def _check_walk(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: fl
         aff = aff[0]
     if tuple(aff.shape) != tuple(pairs.dst.shape):
         raise ValueError(f"random walk: affinities {tuple(aff.shape)} do not match the pairs {tuple(pairs.dst.shape)}")
-    if not (_is_number(beta) and beta > 0):
+    if not (is_number(beta) and beta > 0):
         raise ValueError(f"random walk: beta must be a finite number > 0, got {beta!r}")
     if isinstance(logt, bool) or int(logt) != logt or logt < 0:
         raise ValueError(f"random walk: logt must be an integer >= 0, got {logt!r}")
@@ -871,77 +610,6 @@ def affinitynet_pseudo_label(
 # ----------------------------------------------------------------------------------------------
 # model files and stage functions
 # ----------------------------------------------------------------------------------------------
-
-
-def label_pair_paths(label_dir: Union[str, os.PathLike], image_id: str) -> Tuple[Path, Path]:
-    """``(<label_dir>/la/<id>.png, <label_dir>/ha/<id>.png)``: the low- and high-alpha CRF label maps."""
-    d = Path(label_dir)
-    return d / "la" / f"{image_id}.png", d / "ha" / f"{image_id}.png"
-
-
-def read_label_pair(label_dir: Union[str, os.PathLike], image_id: str) -> Tuple[np.ndarray, np.ndarray]:
-    la, ha = label_pair_paths(label_dir, image_id)
-    return read_label_png(la), read_label_png(ha)
-
-
-_WORKER: Dict[str, Any] = {}
-
-
-def _label_one(ds: Any, store: Any, out_dir: Path, p: AffinityLabelParams, crf_fn, image_id: str) -> str:
-    rec = store.get(image_id, fields=("keys", "high_res"))
-    img = ds.load_image(image_id)
-    if tuple(img.shape[:2]) != tuple(rec.size):
-        raise DataError(f"image {image_id!r} has size {tuple(img.shape[:2])} but its CAM has size {tuple(rec.size)}")
-    la, ha = crf_label_pair(img, rec.high_res, rec.keys, p, crf_fn)
-    la_path, ha_path = label_pair_paths(out_dir, image_id)
-    write_label_png(la_path, la, _PALETTE)
-    write_label_png(ha_path, ha, _PALETTE)
-    return image_id
-
-
-def _init_label_worker(ds, store, out_dir, p, crf_fn) -> None:
-    _WORKER.update(ds=ds, store=store, out_dir=out_dir, p=p, crf_fn=crf_fn)
-
-
-def _label_in_worker(image_id: str) -> str:
-    w = _WORKER
-    return _label_one(w["ds"], w["store"], w["out_dir"], w["p"], w["crf_fn"], image_id)
-
-
-def make_affinity_labels(
-    ds: Any,
-    store: Any,
-    ids: Sequence[str],
-    out_dir: Union[str, os.PathLike],
-    params: Union[AffinityLabelParams, Mapping[str, Any], None] = None,
-    crf_fn: Optional[Callable[..., Tuple[np.ndarray, np.ndarray]]] = None,
-    *,
-    workers: int = 1,
-    progress: bool = True,
-    journal: Any = None,
-) -> Dict[str, int]:
-    """The low- and high-alpha CRF label maps of ``ids`` (``affinitynet.label``) as palette PNGs
-    ``<out_dir>/la/<id>.png`` and ``<out_dir>/ha/<id>.png`` (label ids, image resolution), from the
-    ``keys`` and ``high_res`` of the :class:`wsss.cams.CamStore` ``store``. Atomic writes; ids an
-    interrupted attempt recorded in ``journal`` are skipped. ``workers`` > 1 runs processes
-    (``crf_fn`` must then be a module-level function). Returns ``{"written": n, "skipped": m}``."""
-    p = AffinityLabelParams.from_mapping(params)
-    ids = list(ids)
-    missing = [i for i in ids if i not in store]
-    if missing:
-        raise KeyError(f"{len(missing)} image(s) have no CAM in the store, e.g. {missing[:5]}")
-    out_dir = Path(out_dir)
-    (out_dir / "la").mkdir(parents=True, exist_ok=True)
-    (out_dir / "ha").mkdir(parents=True, exist_ok=True)
-
-    def exists(i: str) -> bool:
-        return all(q.exists() for q in label_pair_paths(out_dir, i))
-
-    return map_images(
-        ids, lambda i: _label_one(ds, store, out_dir, p, crf_fn, i), exists=exists, journal=journal, workers=workers,
-        worker_fn=_label_in_worker, initializer=_init_label_worker, initargs=(ds, store, out_dir, p, crf_fn),
-        desc="AffinityNet labels", progress=progress,
-    )
 
 
 def _build_method(arch: Mapping[str, Any], pretrained: Optional[str] = "none") -> AffinityNetMethod:

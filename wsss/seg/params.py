@@ -10,7 +10,7 @@ columns and every deviation. This module imports nothing (the ``data`` conda env
 
 from __future__ import annotations
 
-PSEUDO_MASK_SOURCES = ("seeds", "crf", "irn", "gt")
+PSEUDO_MASK_SOURCES = ("seeds", "crf", "irn", "affinitynet", "gt")
 CE_NORMALISATIONS = ("valid", "all")
 FUSIONS = ("mean", "max")
 CRF_IMAGES = ("raw", "parity")

@@ -20,6 +20,9 @@ eval_masks          none
 ir_labels           ``irn.ir_label``
 irn_train           ``irn.train``
 irn_infer           ``irn.infer``
+affinity_labels     ``affinitynet.label``
+affinitynet_train   ``affinitynet.train``
+affinitynet_infer   ``affinitynet.infer``
 deeplab_train       ``deeplab`` minus test-time and evaluation keys
 deeplab_predict     ``deeplab``: the network (model, backbone, model_options) and test-time keys
 deeplab_eval        ``deeplab``: pseudo_masks, gallery_images, bound_th
@@ -54,6 +57,9 @@ STAGES: Dict[str, Tuple[Tuple[str, Optional[Sequence[str]], Sequence[str]], ...]
     "ir_labels": (("irn", ("ir_label",), ()),),
     "irn_train": (("irn", ("train",), ()),),
     "irn_infer": (("irn", ("infer",), ()),),
+    "affinity_labels": (("affinitynet", ("label",), ()),),
+    "affinitynet_train": (("affinitynet", ("train",), ()),),
+    "affinitynet_infer": (("affinitynet", ("infer",), ()),),
     "deeplab_train": (("deeplab", None, DEEPLAB_TEST_KEYS + ("gallery_images", "bound_th")),),
     "deeplab_predict": (("deeplab", DEEPLAB_NETWORK_KEYS + DEEPLAB_TEST_KEYS, ()),),
     "deeplab_eval": (("deeplab", DEEPLAB_EVAL_KEYS, ()),),
