@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,10 +61,23 @@ def test_bad_config_fails_before_the_dag(tmp_path):
     assert "config key 'classifier.lr'" in proc.stdout + proc.stderr
 
 
+RUN = "results/synthetic-tiny/baseline/s0"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """The tiny preset's whole DAG, run once for this module. The tests below run in file order on
+    it (pytest-xdist's loadfile keeps a module on one worker): the end-to-end checks first, then the
+    faults, which restore the files they damage but leave later stages out of date."""
+    work = tmp_path_factory.mktemp("tiny")
+    snakemake(work, "--configfile", str(TINY), "--cores", "2")
+    return work
+
+
 @pytest.mark.slow
-def test_tiny_preset_end_to_end(tmp_path):
+def test_tiny_preset_end_to_end(tiny_run):
     """Full tiny DAG; a second run does nothing; deleting one output reruns only what depends on it."""
-    snakemake(tmp_path, "--configfile", str(TINY), "--cores", "2")
+    tmp_path = tiny_run
     res = tmp_path / "results" / "synthetic-tiny"
     for f in ["stats.csv", "montage.png", "labels.csv", "baseline/s0/classifier/model.pt",
               "baseline/s0/cams/shard-1-of-2.h5", "baseline/s0/cams/shard-2-of-2.h5",
@@ -111,6 +125,110 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert {"cam_shard", "seed_eval", "crf_shard", "ir_labels_shard", "irn_masks_shard", "train_deeplab",
             "summary_table", "dataset_stats"} <= set(counts), out
     assert "train_classifier" not in counts and "synthetic_dataset" not in counts, out
+
+
+# faults a user causes on a finished run: none may give a silently wrong result
+
+
+@pytest.mark.slow
+def test_forced_rerun_after_a_model_change_rewrites_predictions(tiny_run):
+    """``snakemake -R deeplab_predict_shard`` after the model changed: every prediction PNG and the
+    metrics are the new model's (they used to be the old PNGs, skipped as 'already there')."""
+    import pandas as pd
+    import torch
+
+    from wsss.io import read_label_png
+    from wsss.workflow.markers import read_shard_markers
+
+    run = tiny_run / RUN
+    markers = sorted((run / "deeplab" / "predictions").glob("shard-*.json"))
+    pred_dir, ids = read_shard_markers(markers)
+    pred_dir = tiny_run / pred_dir if not pred_dir.is_absolute() else pred_dir
+    before = {i: read_label_png(pred_dir / f"{i}.png") for i in ids}
+    metrics_before = pd.read_csv(run / "deeplab" / "metrics.csv")
+    assert not list(run.glob("**/*.journal")), "finished jobs leave no journal"
+
+    # a different model in place (as after retraining): every pixel goes to class 2
+    model = run / "deeplab" / "model.pt"
+    state = torch.load(model, map_location="cpu", weights_only=True)
+    num_classes = len(pd.read_csv(tiny_run / "results" / "synthetic-tiny" / "labels.csv", nrows=1).columns)  # image_id + fg
+    biases = [k for k, v in state["model"].items() if k.endswith("bias") and v.ndim == 1 and v.numel() == num_classes]
+    assert biases, f"no classifier bias of {num_classes} classes found in the DeepLab model"
+    for k in biases:
+        state["model"][k] = torch.full_like(state["model"][k], -100.0)
+        state["model"][k][2] = 100.0
+    torch.save(state, model)
+    snakemake(tiny_run, "--configfile", str(TINY), "--cores", "2", "--show-failed-logs", "-R", "deeplab_predict_shard", f"{RUN}/deeplab/metrics.csv")
+
+    after = {i: read_label_png(pred_dir / f"{i}.png") for i in ids}
+    assert all((a == 2).all() for a in after.values()), "predictions are not the new model's"
+    assert any(not np.array_equal(before[i], after[i]) for i in ids)
+    metrics_after = pd.read_csv(run / "deeplab" / "metrics.csv")
+    assert metrics_after["miou"].iloc[0] != metrics_before["miou"].iloc[0]
+
+
+@pytest.mark.slow
+def test_damaged_cam_shard_names_file_and_image(tiny_run):
+    """A flipped byte inside one image's CAM chunk: the next stage that reads it fails naming the
+    shard file and the image (Fletcher-32), instead of a bare h5py error or silently wrong maps."""
+    import h5py
+
+    shard = tiny_run / RUN / "cams" / "shard-2-of-2.h5"
+    original = shard.read_bytes()
+    with h5py.File(shard, "r") as f:
+        image_id = sorted(f.keys())[0]
+        ds = f[image_id]["high_res"]
+        offset = ds.id.get_chunk_info(0).byte_offset
+    data = bytearray(original)
+    data[offset + 10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    try:
+        proc = snakemake(tiny_run, "--configfile", str(TINY), "--cores", "2", "--show-failed-logs", "-R", "seed_eval", f"{RUN}/seeds/threshold_sweep.csv", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "shard-2-of-2.h5" in out and image_id in out and "DataError" in out, out[-3000:]
+    finally:
+        shard.write_bytes(original)
+
+
+@pytest.mark.slow
+def test_nan_label_stops_training_naming_file_row_and_column(tiny_run):
+    """A NaN in labels.csv (it used to become a *present* class) stops the first job that reads it."""
+    labels = tiny_run / "results" / "synthetic-tiny" / "labels.csv"
+    lines = labels.read_text().splitlines()
+    header = lines[0].split(",")
+    row = lines[3].split(",")
+    row[2] = "nan"
+    lines[3] = ",".join(row)
+    original = labels.read_bytes()
+    labels.write_text("\n".join(lines) + "\n")
+    try:
+        proc = snakemake(tiny_run, "--configfile", str(TINY), "--cores", "2", "--show-failed-logs", f"{RUN}/deeplab/metrics.csv", check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0
+        assert "labels.csv" in out and "line 4" in out and repr(header[2]) in out and "0 or 1" in out, out[-3000:]
+    finally:
+        labels.write_bytes(original)
+
+
+@pytest.mark.slow
+def test_affinitynet_masks_on_the_tiny_run(tiny_run, tmp_path):
+    """``deeplab.pseudo_masks: affinitynet`` on the finished tiny run: the AffinityNet jobs (labels,
+    training, masks, evaluation) reuse its classifier and CAMs and give masks with an mIoU in
+    [0, 1]; the run stays complete and current for the tiny config."""
+    import pandas as pd
+
+    extra = tmp_path / "affinitynet.yaml"
+    extra.write_text("deeplab: {pseudo_masks: affinitynet}\n")
+    target = f"{RUN}/affinitynet/masks/metrics.csv"
+    out = snakemake(tiny_run, "--configfile", str(TINY), str(extra), "-n", target).stdout
+    assert job_counts(out) == {"affinity_labels_shard": 2, "train_affinitynet": 1, "affinitynet_masks_shard": 2, "eval_masks": 1}, out
+    snakemake(tiny_run, "--configfile", str(TINY), str(extra), "--cores", "2", "--show-failed-logs", target)
+    metrics = pd.read_csv(tiny_run / target)
+    assert metrics["kind"].iloc[0] == "affinitynet" and 0 <= metrics["miou"].iloc[0] <= 1, metrics
+    assert (tiny_run / RUN / "affinitynet" / "model.pt").exists()
+    assert not list((tiny_run / RUN / "affinitynet").glob("**/*.journal")), "finished jobs leave no journal"
+    assert "Nothing to be done" in (p := snakemake(tiny_run, "--configfile", str(TINY), "-n")).stdout + p.stderr
 
 
 def test_ablation_preset_dry_run(tmp_path):
