@@ -41,13 +41,7 @@ ACR_SMALL = {"head_dim": 16, "recon_dims": [8, 8, 16], "unet_depth": 5, "unet_wi
 NAMES = list_methods()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster than two (and far faster on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _backbone():

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_workflow import job_counts
 
 # one pytest-xdist worker runs the whole file (`--dist loadfile` in pyproject.toml): its session
 # fixtures own the Slurm daemons and the one DAG run the tests share
@@ -150,22 +151,6 @@ def write_config(workdir: Path, **classifier) -> None:
     cfg = yaml.safe_load(TINY.read_text())
     cfg["classifier"].update(classifier)
     (workdir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-
-
-def job_counts(output: str) -> dict:
-    """The 'Job stats' table snakemake prints before running."""
-    counts, table = {}, False
-    for line in output.splitlines():
-        if line.startswith("Job stats"):
-            table = True
-            continue
-        if table:
-            m = re.match(r"^(\S+)\s+(\d+)$", line.strip())
-            if m and m.group(1) != "total":
-                counts[m.group(1)] = int(m.group(2))
-            elif line.strip() == "" and counts:
-                break
-    return counts
 
 
 def submitted(output: str) -> dict:
