@@ -46,6 +46,21 @@ def test_summary_rows_and_ratio(tmp_path):
     assert "| weak | 0 | 0.20 | 40.0 |" in md and md.count("\n|") >= 3
 
 
+def test_affinitynet_miou_column(tmp_path):
+    """``affinitynet_miou`` from ``affinitynet/masks/metrics.csv`` (checked reader: a damaged file
+    names itself); NaN for a run that did not make AffinityNet masks."""
+    from wsss.io import DataError
+
+    fake_experiment(tmp_path, "irn/s0", 0.6)
+    fake_experiment(tmp_path, "aff/s0", 0.6)
+    _write(tmp_path / "aff" / "s0" / "affinitynet" / "masks" / "metrics.csv", miou=0.42)
+    df = summary_table(tmp_path, ["irn/s0", "aff/s0"]).set_index("experiment")
+    assert df.loc["aff", "affinitynet_miou"] == 0.42 and math.isnan(df.loc["irn", "affinitynet_miou"])
+    _write(tmp_path / "aff" / "s0" / "affinitynet" / "masks" / "metrics.csv", mIoU=0.42)
+    with pytest.raises(DataError, match="affinitynet"):
+        summary_table(tmp_path, ["aff/s0"])
+
+
 def test_unknown_fully_supervised_experiment(tmp_path):
     fake_experiment(tmp_path, "weak/s0", 0.6)
     with pytest.raises(KeyError, match="not an experiment"):
