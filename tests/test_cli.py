@@ -170,6 +170,39 @@ def test_status_all_current(tree, cfg, cfg_file, capsys):
     assert "9 output(s), all made by wsss" in out
 
 
+def test_status_and_show_know_affinitynet(tree, cfg):
+    """AffinityNet's model file, shard markers and mask evaluation are checked against their stages
+    (affinitynet_train, affinity_labels, affinitynet_infer); its masks are a ``wsss show`` panel."""
+    import torch
+
+    from wsss.engine import save_checkpoint
+    from wsss.io import voc_palette, write_label_png
+    from wsss.metrics import write_metrics_csv
+    from wsss.show import image_panels
+    from wsss.workflow.markers import masks_dir, write_shard_marker
+
+    results, run_dir, ids, ds = tree["results"], tree["run_dir"], tree["ids"], tree["ds"]
+    rc = run_config(cfg, RUN)
+    train = stage_params(rc, "affinitynet_train")
+    save_checkpoint(run_dir / "affinitynet" / "model.pt", model={"w": torch.zeros(3)}, method="affinitynet", config=train,
+                    config_hash=config_hash(train))
+    for folder, kind, stage in (("labels", "affinity_labels", "affinity_labels"), ("masks", "affinitynet", "affinitynet_infer")):
+        resolved = stage_params(rc, stage)
+        out = masks_dir(run_dir / "affinitynet" / folder, resolved)
+        for i in ids:
+            write_label_png(out / f"{i}.png", ds.load_mask(i), voc_palette())
+        write_shard_marker(run_dir / "affinitynet" / folder / "shard-1-of-1.json", kind=kind, ids=ids, mask_dir=out, resolved=resolved)
+    write_metrics_csv(run_dir / "affinitynet" / "masks" / "metrics.csv",
+                      {"kind": "affinitynet", "split": "val", "miou": 0.3, "package_version": wsss.__version__, "mask_dir": str(out)})
+    st = by_rel(collect_status(results, cfg), results)
+    run = f"{TAG}/{RUN}/affinitynet"
+    rules = {rel: st[f"{run}/{rel}"].rule for rel in ("model.pt", "labels/shard-1-of-1.json", "masks/shard-1-of-1.json", "masks/metrics.csv")}
+    assert rules == {"model.pt": "train_affinitynet", "labels/shard-1-of-1.json": "affinity_labels_shard",
+                     "masks/shard-1-of-1.json": "affinitynet_masks_shard", "masks/metrics.csv": "eval_masks"}, rules
+    assert all(st[f"{run}/{rel}"].config_match == "yes" and not st[f"{run}/{rel}"].stale for rel in rules), format_table(list(st.values()))
+    assert "AffinityNet" in image_panels(ds, run_dir, ids[0]).titles
+
+
 def test_status_version_change_is_stale(tree, cfg, cfg_file, capsys):
     results, run_dir = tree["results"], tree["run_dir"]
     marker = run_dir / "crf" / "shard-1-of-1.json"

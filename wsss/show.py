@@ -3,8 +3,8 @@ CRF, IR labels, IRN and DeepLab masks of one run, each panel present only if its
 
 Outputs are found the way the stages find them: CAMs in ``<run>/cams/shard-*.h5``
 (:class:`wsss.cams.CamStore`), masks through the shard markers of ``<run>/seeds/masks``, ``crf``,
-``irn/ir_labels``, ``irn/masks`` and ``deeplab/predictions`` (the marker names the mask folder and
-the ids it wrote). Where shards of several runs of a stage lie side by side (another shard count),
+``irn/ir_labels``, ``irn/masks``, ``affinitynet/masks`` and ``deeplab/predictions`` (the marker
+names the mask folder and the ids it wrote). Where shards of several runs of a stage lie side by side (another shard count),
 the newest marker or shard holding the image wins. Without seed masks (a run stopped after
 ``seed_eval``), the seeds are recomputed from the CAM at the threshold chosen in
 ``seeds/threshold_sweep.csv``.
@@ -29,6 +29,7 @@ MASK_PANELS: Tuple[Tuple[str, str], ...] = (
     ("CRF", "crf"),
     ("IR labels", "irn/ir_labels"),
     ("IRN", "irn/masks"),
+    ("AffinityNet", "affinitynet/masks"),
     ("DeepLab", "deeplab/predictions"),
 )
 

@@ -11,14 +11,16 @@ output                              rule                  version and config has
 ==================================  ====================  ===============================================
 ``classifier/model.pt``             train_classifier      checkpoint fields ``package_version``,
 ``irn/model.pt``                    train_irn             ``config_hash`` (the pickle header only, no
+``affinitynet/model.pt``            train_affinitynet
 ``deeplab/model.pt``                train_deeplab         weights are read, torch is not imported)
 ``cams/shard-*.h5``                 cam_shard             HDF5 file attrs ``package_version``, ``config_hash``
 ``*/shard-*.json`` (shard markers)  by the marker's kind  JSON fields ``package_version``, ``config_hash``
 ``seeds/threshold_sweep.csv``       seed_eval             first row: ``package_version``, ``config_hash``
                                                           (the hash of the CAMs it evaluated: stage ``cam``)
 ``crf/metrics.csv``,                eval_masks            first row: ``package_version``; the hash in the
-``irn/{ir_labels,masks}/metrics.csv``                     ``mask_dir`` column (``masks-<hash>``) is that of
-                                                          the masks it evaluated (crf, ir_labels, irn_infer)
+``irn/{ir_labels,masks}/metrics.csv``,                    ``mask_dir`` column (``masks-<hash>``) is that of
+``affinitynet/masks/metrics.csv``                         the masks it evaluated (crf, ir_labels, irn_infer,
+                                                          affinitynet_infer)
 ``deeplab/metrics.csv``             eval_deeplab          first row: ``package_version``, ``config_hash``
 ``tables/{summary,ablation}.csv``   summary_table         first row: ``package_version`` (no config hash)
 ==================================  ====================  ===============================================
@@ -53,6 +55,8 @@ MARKER_KINDS: Dict[str, Tuple[str, str]] = {
     "ir_labels": ("ir_labels_shard", "ir_labels"),
     "irn": ("irn_masks_shard", "irn_infer"),
     "irn_confidence": ("irn_masks_shard", "irn_infer"),
+    "affinity_labels": ("affinity_labels_shard", "affinity_labels"),
+    "affinitynet": ("affinitynet_masks_shard", "affinitynet_infer"),
     "seeds": ("seed_masks_shard", "seed_masks"),
     "deeplab": ("deeplab_predict_shard", "deeplab_predict"),
 }
@@ -60,10 +64,11 @@ MARKER_KINDS: Dict[str, Tuple[str, str]] = {
 MODEL_STAGES: Dict[str, Tuple[str, str]] = {
     "classifier": ("train_classifier", "classifier"),
     "irn": ("train_irn", "irn_train"),
+    "affinitynet": ("train_affinitynet", "affinitynet_train"),
     "deeplab": ("train_deeplab", "deeplab_train"),
 }
 #: ``kind`` column of a mask evaluation's metrics.csv -> stage of the masks it evaluated
-EVAL_KINDS: Dict[str, str] = {"crf": "crf", "ir_labels": "ir_labels", "irn": "irn_infer"}
+EVAL_KINDS: Dict[str, str] = {"crf": "crf", "ir_labels": "ir_labels", "irn": "irn_infer", "affinitynet": "affinitynet_infer"}
 #: folders never descended into (see the module docstring)
 SKIP_DIRS = ("work", "benchmarks", ".snakemake")
 _MASKS_HASH = re.compile(r"masks-([0-9a-f]+)$")
