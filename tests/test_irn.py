@@ -420,6 +420,42 @@ def test_ir_label_params_validation():
         assert {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()} == section_defaults(key)
 
 
+
+#: Effective irn values of the default config (the schema's defaults); unchanged when the defaults
+#: moved from the dataclasses into the schema (outputs must stay byte for byte the same).
+IRN_DEFAULTS = {
+    "irn.ir_label": {"fg_thresh": 0.3, "bg_thresh": 0.05, "crf": {}},
+    "irn.train": {"backbone": "resnet18", "pretrained": "classifier", "crop_size": 128, "rescale": [0.5, 1.5], "hflip": True,
+                  "radius": 10, "batch_size": 8, "epochs": 3, "lr": 0.1, "edge_lr_mult": 1.0, "dp_lr_mult": 10.0,
+                  "weight_decay": 1e-4, "momentum_mode": "reference", "momentum": 0.9, "poly_power": 0.9, "amp": True, "seed": 0,
+                  "affinity_weight": 0.5, "displacement_weight": 0.5, "mean_shift_crop_size": 192, "mean_shift_batch_size": 8},
+    "irn.infer": {"radius": 5, "beta": 10.0, "exp_times": 8, "bg_thresh": 0.25, "pad_to": 0, "walk": "sparse", "confidence_ratio": 0.5},
+}
+#: IRN's reference values (configs/irn_reference.yaml): the defaults but for the CPU-size keys.
+IRN_REFERENCE = {
+    "irn.ir_label": {"crf": {"t": 10, "gt_prob": 0.7, "gauss_sxy": 3, "gauss_compat": 3, "bi_sxy": 50, "bi_srgb": 5, "bi_compat": 10}},
+    "irn.train": {"backbone": "resnet50", "pretrained": "imagenet", "crop_size": 512, "batch_size": 32, "mean_shift_crop_size": 512,
+                  "mean_shift_batch_size": 32},
+    "irn.infer": {"pad_to": 512},
+}
+
+
+def test_irn_defaults_and_reference_recipe():
+    import yaml
+
+    from wsss.config import load_config_file
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config_file(root / "config.yaml")
+    ref = load_config_file(root / "configs" / "irn_reference.yaml")
+    for key, expect in IRN_DEFAULTS.items():
+        sub = key.split(".")[1]
+        assert section_defaults(key) == expect, key
+        assert cfg["irn"][sub] == expect, key  # config.yaml shows the defaults
+        assert ref["irn"][sub] == {**expect, **IRN_REFERENCE[key]}, key
+    raw = yaml.safe_load((root / "configs" / "irn_reference.yaml").read_text())["irn"]
+    assert all(set(raw[k.split(".")[1]]) == set(v) for k, v in IRN_DEFAULTS.items())  # the recipe names every key
+
 def _cam_store(tmp_path, images, keys_of, seed=0):
     rng = np.random.default_rng(seed)
     path = tmp_path / "cams.h5"

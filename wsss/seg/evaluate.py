@@ -82,11 +82,12 @@ class InferenceSettings:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "InferenceSettings":
-        ts = params.get("test_size")
+        """From a ``deeplab`` section with every key (:func:`wsss.config.validate_section` fills one)."""
+        ts = params["test_size"]
         return cls(
             scales=tuple(float(s) for s in params["test_scales"]), flip=bool(params["flip"]), fusion=params["fusion"],
             test_size=None if ts is None else (int(ts[0]), int(ts[1])), crf=bool(params["crf"]),
-            crf_params=dict(params.get("crf_params") or {}), crf_image=params.get("crf_image", "raw"),
+            crf_params=dict(params["crf_params"]), crf_image=params["crf_image"],
         )
 
 
