@@ -57,12 +57,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"ACR train_step, ResNet-18, batch {args.batch}, crop {args.crop}, {args.threads} threads, "
-          f"torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    print(
+        f"ACR train_step, ResNet-18, batch {args.batch}, crop {args.crop}, {args.threads} threads, "
+        f"torch {torch.__version__}, {platform.processor() or platform.machine()}"
+    )
     for name, (width, dims) in VARIANTS.items():
         s = step_seconds(width, dims, args)
-        print(f"{name:32s} width {width:3d}, reducers {dims}: {s:6.2f} s/step, "
-              f"12 synthetic epochs ~{s * STEPS_12_EPOCHS / 60:5.1f} min")
+        print(
+            f"{name:32s} width {width:3d}, reducers {dims}: {s:6.2f} s/step, "
+            f"12 synthetic epochs ~{s * STEPS_12_EPOCHS / 60:5.1f} min"
+        )
 
 
 if __name__ == "__main__":

@@ -98,8 +98,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--num-images", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--active", type=float, nargs=2, default=[0.1, 0.4], metavar=("LO", "HI"),
-                    help="range of the fraction of each class map left positive (larger = harder to compress)")
+    ap.add_argument(
+        "--active",
+        type=float,
+        nargs=2,
+        default=[0.1, 0.4],
+        metavar=("LO", "HI"),
+        help="range of the fraction of each class map left positive (larger = harder to compress)",
+    )
     ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 4, 6, 9], help="gzip levels to measure")
     args = ap.parse_args(argv)
 
@@ -110,8 +116,10 @@ def main(argv=None) -> int:
     rng.shuffle(order)
     high = np.concatenate([h.reshape(-1) for _, _, h in images.values()])
     ks = [len(k) for k, _, _ in images.values()]
-    print(f"{args.num_images} images {H}x{W}, K = {min(ks)}..{max(ks)} (mean {np.mean(ks):.2f}); high_res pixels: "
-          f"{np.mean(high == 0):.1%} exactly 0, {np.mean(high < 0.05):.1%} < 0.05, {np.mean(high > 0.5):.1%} > 0.5")
+    print(
+        f"{args.num_images} images {H}x{W}, K = {min(ks)}..{max(ks)} (mean {np.mean(ks):.2f}); high_res pixels: "
+        f"{np.mean(high == 0):.1%} exactly 0, {np.mean(high < 0.05):.1%} < 0.05, {np.mean(high > 0.5):.1%} > 0.5"
+    )
 
     levels = sorted(set(args.levels) | {DEFAULT_GZIP_LEVEL})
     with tempfile.TemporaryDirectory() as tmp:

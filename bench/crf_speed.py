@@ -87,31 +87,49 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    print(f"{H}x{W}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread, {args.repeat} timed calls each")
+    print(
+        f"{H}x{W}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, 1 thread, {args.repeat} timed calls each"
+    )
     print(f"{'ms / image (median)':40s} {'wsss cpu':>9s} {'wsss wall':>9s} {'bare cpu':>9s} {'overhead':>9s}")
     for k in (1, 2, 3):
         img, cams = scene(rng, k)
         keys = np.arange(k)
         stack = np.concatenate([(1 - cams.max(0, keepdims=True)) ** 9, cams])
         u = unary_from_softmax(stack)
-        row(f"crf_with_alpha  (K={k}, {k + 1} labels)", lambda: crf_with_alpha(img, cams, keys, 9),
-            lambda: bare(img, u, k + 1, 10, 3, 3, 80, 13, 10), args.repeat)
+        row(
+            f"crf_with_alpha  (K={k}, {k + 1} labels)",
+            lambda: crf_with_alpha(img, cams, keys, 9),
+            lambda: bare(img, u, k + 1, 10, 3, 3, 80, 13, 10),
+            args.repeat,
+        )
     for k in (1, 2):
         img, cams = scene(rng, k)
         seed = np.concatenate([np.full((1, H, W), 0.3, np.float32), cams]).argmax(0)
         u = unary_from_labels(seed, k + 1, gt_prob=0.7, zero_unsure=False)
-        row(f"crf_inference_label ({k + 1} labels)", lambda: crf_inference_label(img, seed, k + 1),
-            lambda: bare(img, u, k + 1, 10, 3, 3, 50, 5, 10), args.repeat)
-        row(f"crf_seed_threshold (K={k}, {k + 1} labels)", lambda: crf_seed_threshold(img, cams, np.arange(k), 0.3),
-            None, args.repeat)
+        row(
+            f"crf_inference_label ({k + 1} labels)",
+            lambda: crf_inference_label(img, seed, k + 1),
+            lambda: bare(img, u, k + 1, 10, 3, 3, 50, 5, 10),
+            args.repeat,
+        )
+        row(
+            f"crf_seed_threshold (K={k}, {k + 1} labels)",
+            lambda: crf_seed_threshold(img, cams, np.arange(k), 0.3),
+            None,
+            args.repeat,
+        )
     img, _ = scene(rng, 3)
     logits = rng.normal(0, 1, (21, H, W)).astype(np.float32)
     logits[0] += 2
     probs = np.exp(logits - logits.max(0))
     probs /= probs.sum(0)
     u = unary_from_softmax(probs)
-    row("deeplab_crf (21 labels)", lambda: deeplab_crf(img, probs), lambda: bare(img, u, 21, 10, 1, 3, 67, 3, 4),
-        args.repeat)
+    row(
+        "deeplab_crf (21 labels)",
+        lambda: deeplab_crf(img, probs),
+        lambda: bare(img, u, 21, 10, 1, 3, 67, 3, 4),
+        args.repeat,
+    )
 
 
 if __name__ == "__main__":

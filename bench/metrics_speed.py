@@ -1,6 +1,6 @@
 """Time of one confusion-matrix and one boundary (J&F) update at VOC size (375x500, 21 classes).
 
-    python bench/metrics_speed.py
+python bench/metrics_speed.py
 """
 
 from __future__ import annotations

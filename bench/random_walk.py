@@ -41,8 +41,9 @@ def make_inputs(h: int, w: int, k: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     # smooth random CAMs in [0, 1] and a boundary map with thin ridges (content does not change
     # the cost, but keeps the walk's output non-trivial for the comparison)
-    cam = F.interpolate(torch.rand(1, k, h // 8 + 1, w // 8 + 1, generator=g), size=(h, w), mode="bilinear",
-                        align_corners=False)[0]
+    cam = F.interpolate(
+        torch.rand(1, k, h // 8 + 1, w // 8 + 1, generator=g), size=(h, w), mode="bilinear", align_corners=False
+    )[0]
     edge = torch.rand(h, w, generator=g) ** 8
     return cam.contiguous(), edge.contiguous()
 
@@ -68,8 +69,16 @@ def worker(args) -> None:
     seconds = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     np.save(args.out, rw.numpy())
-    print(json.dumps({"variant": args.worker, "seconds": seconds, "peak_mb": (after - before) / 1024.0,
-                      "threads": torch.get_num_threads()}))
+    print(
+        json.dumps(
+            {
+                "variant": args.worker,
+                "seconds": seconds,
+                "peak_mb": (after - before) / 1024.0,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 def run_variant(name: str, args, out: Path) -> dict:
@@ -107,8 +116,10 @@ def main() -> None:
     from wsss.refine.random_walk import sem_seg_from_walk
 
     n = args.height * args.width
-    print(f"random walk: map {args.height}x{args.width} (N = {n}), K = {args.classes}, radius {args.radius}, "
-          f"beta {args.beta}, 2^{args.exp_times} = {2 ** args.exp_times} steps, torch threads {args.threads}")
+    print(
+        f"random walk: map {args.height}x{args.width} (N = {n}), K = {args.classes}, radius {args.radius}, "
+        f"beta {args.beta}, 2^{args.exp_times} = {2**args.exp_times} steps, torch threads {args.threads}"
+    )
     variants = ["sparse", "sparse-fp32"] + ([] if args.skip_dense else ["dense"])
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,8 +131,10 @@ def main() -> None:
             print(f"  {v:12s} {r['seconds']:10.3f} s   peak memory +{r['peak_mb']:9.1f} MB")
     if "dense" in results:
         d, s = results["dense"], results["sparse"]
-        print(f"  speed-up sparse vs dense: {d['seconds'] / s['seconds']:.0f}x; memory "
-              f"{d['peak_mb']:.0f} MB -> {s['peak_mb']:.1f} MB")
+        print(
+            f"  speed-up sparse vs dense: {d['seconds'] / s['seconds']:.0f}x; memory "
+            f"{d['peak_mb']:.0f} MB -> {s['peak_mb']:.1f} MB"
+        )
         keys = list(range(args.classes))
         size = (args.height * 4, args.width * 4)
         ref = outputs["dense"] / outputs["dense"].max()
@@ -130,8 +143,10 @@ def main() -> None:
             diff = np.abs(outputs[v] / outputs[v].max() - ref).max()
             labels, _ = sem_seg_from_walk(torch.from_numpy(outputs[v]), keys, size)
             same = np.mean(labels == ref_labels)
-            print(f"  {v} vs dense: max |diff| of normalised scores {diff:.2e}; labels identical on "
-                  f"{100 * same:.4f}% of {labels.size} pixels")
+            print(
+                f"  {v} vs dense: max |diff| of normalised scores {diff:.2e}; labels identical on "
+                f"{100 * same:.4f}% of {labels.size} pixels"
+            )
 
 
 if __name__ == "__main__":

@@ -65,8 +65,18 @@ def run_measured(cmd, cwd) -> tuple[float, float, str]:
 
 
 def snakemake_cmd(workdir: Path, configfiles, *args) -> list:
-    return [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-            "--configfile", *map(str, configfiles), *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        *map(str, configfiles),
+        *args,
+    ]
 
 
 def job_total(output: str) -> int:
@@ -81,14 +91,45 @@ def dag_build(tmp: Path) -> list:
     rows = []
     for shards in (1, 16, 64):
         extra = tmp / f"shards{shards}.yaml"
-        extra.write_text(yaml.safe_dump({"synthetic": {"preset": "voc_scale"}, "cam": {"shards": shards},
-                                         "crf": {"shards": shards}, "irn": {"shards": shards}, "deeplab": {"shards": shards}}))
-        wall, rss, out = run_measured(snakemake_cmd(tmp / f"w{shards}", [REPO / "config.yaml", extra], "-n", "--quiet", "rules"), REPO)
-        rows.append({"config": f"default, voc_scale, shards {shards}", "jobs": job_total(out), "seconds": round(wall, 2), "peak_mib": round(rss)})
-        print(f"  dry run, default config, voc_scale, {shards:>2} shards per stage: {wall:6.1f} s, {rss:6.0f} MiB, {rows[-1]['jobs']} jobs", flush=True)
-    wall, rss, out = run_measured(snakemake_cmd(tmp / "wab", [REPO / "config.yaml", REPO / "configs" / "ablations.yaml"], "-n", "--quiet", "rules"), REPO)
-    rows.append({"config": "configs/ablations.yaml", "jobs": job_total(out), "seconds": round(wall, 2), "peak_mib": round(rss)})
-    print(f"  dry run, configs/ablations.yaml: {wall:6.1f} s, {rss:6.0f} MiB, {rows[-1]['jobs']} jobs (target < 10 s)", flush=True)
+        extra.write_text(
+            yaml.safe_dump(
+                {
+                    "synthetic": {"preset": "voc_scale"},
+                    "cam": {"shards": shards},
+                    "crf": {"shards": shards},
+                    "irn": {"shards": shards},
+                    "deeplab": {"shards": shards},
+                }
+            )
+        )
+        wall, rss, out = run_measured(
+            snakemake_cmd(tmp / f"w{shards}", [REPO / "config.yaml", extra], "-n", "--quiet", "rules"), REPO
+        )
+        rows.append(
+            {
+                "config": f"default, voc_scale, shards {shards}",
+                "jobs": job_total(out),
+                "seconds": round(wall, 2),
+                "peak_mib": round(rss),
+            }
+        )
+        print(
+            f"  dry run, default config, voc_scale, {shards:>2} shards per stage: {wall:6.1f} s, {rss:6.0f} MiB, {rows[-1]['jobs']} jobs",
+            flush=True,
+        )
+    wall, rss, out = run_measured(
+        snakemake_cmd(
+            tmp / "wab", [REPO / "config.yaml", REPO / "configs" / "ablations.yaml"], "-n", "--quiet", "rules"
+        ),
+        REPO,
+    )
+    rows.append(
+        {"config": "configs/ablations.yaml", "jobs": job_total(out), "seconds": round(wall, 2), "peak_mib": round(rss)}
+    )
+    print(
+        f"  dry run, configs/ablations.yaml: {wall:6.1f} s, {rss:6.0f} MiB, {rows[-1]['jobs']} jobs (target < 10 s)",
+        flush=True,
+    )
     return rows
 
 
@@ -110,9 +151,14 @@ def stage_costs(tmp: Path, n: int, threads: int) -> dict:
     """Per-unit cost of each stage on ``n`` train_aug + n // 2 val images of voc_scale."""
     n_val = max(2, n // 2)
     cfg = {
-        "synthetic": {"preset": "voc_scale", "overrides": {"n_train_aug": n, "n_train": max(2, n // 2), "n_val": n_val}},
+        "synthetic": {
+            "preset": "voc_scale",
+            "overrides": {"n_train_aug": n, "n_train": max(2, n // 2), "n_val": n_val},
+        },
         "classifier": {"epochs": 1},
-        "cam": {"shards": 1}, "crf": {"shards": 1}, "irn": {"shards": 1, "train": {"epochs": 1}},
+        "cam": {"shards": 1},
+        "crf": {"shards": 1},
+        "irn": {"shards": 1, "train": {"epochs": 1}},
         "deeplab": {"epochs": 1, "shards": 1},
     }
     extra = tmp / f"stages{n}.yaml"
@@ -128,12 +174,22 @@ def stage_costs(tmp: Path, n: int, threads: int) -> dict:
             continue
         s, rss = bench[rule]
         units = images_of.get(rule, images[unit])
-        costs[rule] = {"unit": unit, "seconds_per_unit": round(s / units, 4), "job_seconds": round(s, 2), "units": units,
-                       "peak_mib": round(rss)}
+        costs[rule] = {
+            "unit": unit,
+            "seconds_per_unit": round(s / units, 4),
+            "job_seconds": round(s, 2),
+            "units": units,
+            "peak_mib": round(rss),
+        }
     shard = sorted((work / "results" / "synthetic-voc_scale").glob("**/cams/shard-*.h5"))
     store = sum(p.stat().st_size for p in shard)
-    return {"images": n, "val_images": n_val, "wall_seconds": round(wall, 1), "stages": costs,
-            "cam_store_bytes_per_image": round(store / (n + n_val))}
+    return {
+        "images": n,
+        "val_images": n_val,
+        "wall_seconds": round(wall, 1),
+        "stages": costs,
+        "cam_store_bytes_per_image": round(store / (n + n_val)),
+    }
 
 
 def main(argv=None) -> int:
@@ -144,7 +200,11 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-stages", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "figures" / "voc_scale_cpu.json")
     a = ap.parse_args(argv)
-    figures = {"machine": f"{platform.node()} {os.cpu_count()} CPUs", "device": "cpu", "date": time.strftime("%Y-%m-%d")}
+    figures = {
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs",
+        "device": "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+    }
     with tempfile.TemporaryDirectory(prefix="wsss-scale-") as d:
         tmp = Path(d)
         if not a.skip_dag:
@@ -157,11 +217,19 @@ def main(argv=None) -> int:
                 r = stage_costs(tmp, n, a.cores)
                 figures["rehearsals"].append(r)
                 for rule, c in r["stages"].items():
-                    print(f"  {rule:<22} {c['seconds_per_unit']:8.3f} s / {c['unit']:<11} peak {c['peak_mib']:6.0f} MiB", flush=True)
-                print(f"  CAM store: {r['cam_store_bytes_per_image'] / 1e6:.2f} MB per image; wall {r['wall_seconds']} s", flush=True)
+                    print(
+                        f"  {rule:<22} {c['seconds_per_unit']:8.3f} s / {c['unit']:<11} peak {c['peak_mib']:6.0f} MiB",
+                        flush=True,
+                    )
+                print(
+                    f"  CAM store: {r['cam_store_bytes_per_image'] / 1e6:.2f} MB per image; wall {r['wall_seconds']} s",
+                    flush=True,
+                )
             if len(figures["rehearsals"]) > 1:
                 small, large = figures["rehearsals"][0]["stages"], figures["rehearsals"][-1]["stages"]
-                grows = [r for r in small if r in large and large[r]["seconds_per_unit"] > 1.5 * small[r]["seconds_per_unit"]]
+                grows = [
+                    r for r in small if r in large and large[r]["seconds_per_unit"] > 1.5 * small[r]["seconds_per_unit"]
+                ]
                 figures["grows_with_size"] = grows
                 print("per-image cost grows with the dataset size:", ", ".join(grows) or "no stage", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -116,7 +116,9 @@ def test_crf_label_pair_with_fake_crf():
         return None, np.full(high_res.shape[1:], int(alpha), np.uint8)
 
     img = np.zeros((5, 6, 3), np.uint8)
-    la, ha = crf_label_pair(img, np.zeros((1, 5, 6), np.float32), [3], {"low_alpha": 2, "high_alpha": 21, "crf": {"t": 3}}, fake)
+    la, ha = crf_label_pair(
+        img, np.zeros((1, 5, 6), np.float32), [3], {"low_alpha": 2, "high_alpha": 21, "crf": {"t": 3}}, fake
+    )
     assert la.max() == 2 and ha.max() == 21 and calls == [(2, {"t": 3}), (21, {"t": 3})]
 
 
@@ -302,7 +304,7 @@ def test_sparse_walk_matches_dense_psa_formula(size, r, logt):
     # the reference formula, written out: A^beta with identity diagonal, column sums, T^(2^logt)
     a = dense_affinity_matrix(aff.double(), p).pow(8.0)
     t = a / a.sum(0, keepdim=True)
-    ref = (cam.double().reshape(3, -1) @ torch.linalg.matrix_power(t, 2 ** logt)).view(3, *size)
+    ref = (cam.double().reshape(3, -1) @ torch.linalg.matrix_power(t, 2**logt)).view(3, *size)
     sparse = random_walk_sparse(cam, aff, p, beta=8.0, logt=logt)
     dense = random_walk_dense(cam, aff, p, beta=8.0, logt=logt)
     assert sparse.dtype == torch.float32
@@ -402,21 +404,34 @@ def test_params_defaults_are_the_config_schemas():
         assert cls.from_mapping(cfg[sub]) == cls()
     # PSA's values (docs/affinitynet.md)
     assert AffinityTrainParams().backbone == "resnet38" and AffinityTrainParams().crop_size == 448
-    assert (AffinityLabelParams().high_alpha, AffinityInferParams().alpha, AffinityInferParams().beta) == (32.0, 16.0, 8.0)
+    assert (AffinityLabelParams().high_alpha, AffinityInferParams().alpha, AffinityInferParams().beta) == (
+        32.0,
+        16.0,
+        8.0,
+    )
     assert set(cfg) == {"label", "train", "infer", "shards"}
 
 
-@pytest.mark.parametrize("raw, match", [
-    ({"affinitynet": {"train": {"epochs": 0}}}, r"'affinitynet.train.epochs'"),
-    ({"affinitynet": {"infer": {"exp_times": 8}}}, r"'exp_times' under 'affinitynet.infer'"),
-    ({"affinitynet": {"label": {"low_alpha": 40}}}, r"affinitynet.label.*low_alpha"),
-    ({"affinitynet": {"label": {"crf": {"gt_prob": 0.7}}}}, r"'gt_prob' under 'affinitynet.label.crf'"),
-    ({"affinitynet": {"train": {"backbone": "vgg16"}}}, r"'affinitynet.train.backbone': unknown backbone 'vgg16'"),
-    ({"affinitynet": {"train": {"backbone": "resnet50", "pretrained": "classifier"}}}, r"'affinitynet.train.backbone'.*cannot start from"),
-    ({"affinitynet": {"train": {"pretrained": "imagnet"}}}, r"'affinitynet.train.pretrained'"),
-    ({"experiments": {"x": {"affinitynet": {"infer": {"walk": "fast"}}}}}, r"experiments.x.affinitynet.infer.*walk"),
-    ({"deeplab": {"pseudo_masks": "psa"}}, r"'deeplab.pseudo_masks'"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"affinitynet": {"train": {"epochs": 0}}}, r"'affinitynet.train.epochs'"),
+        ({"affinitynet": {"infer": {"exp_times": 8}}}, r"'exp_times' under 'affinitynet.infer'"),
+        ({"affinitynet": {"label": {"low_alpha": 40}}}, r"affinitynet.label.*low_alpha"),
+        ({"affinitynet": {"label": {"crf": {"gt_prob": 0.7}}}}, r"'gt_prob' under 'affinitynet.label.crf'"),
+        ({"affinitynet": {"train": {"backbone": "vgg16"}}}, r"'affinitynet.train.backbone': unknown backbone 'vgg16'"),
+        (
+            {"affinitynet": {"train": {"backbone": "resnet50", "pretrained": "classifier"}}},
+            r"'affinitynet.train.backbone'.*cannot start from",
+        ),
+        ({"affinitynet": {"train": {"pretrained": "imagnet"}}}, r"'affinitynet.train.pretrained'"),
+        (
+            {"experiments": {"x": {"affinitynet": {"infer": {"walk": "fast"}}}}},
+            r"experiments.x.affinitynet.infer.*walk",
+        ),
+        ({"deeplab": {"pseudo_masks": "psa"}}, r"'deeplab.pseudo_masks'"),
+    ],
+)
 def test_bad_affinitynet_configs_name_the_key(raw, match):
     from wsss.config import ConfigError, validate_config
 
@@ -428,8 +443,17 @@ def test_affinitynet_experiment_override_and_run_seed():
     from wsss.config import run_config, validate_config
     from wsss.workflow.stages import stage_params
 
-    cfg = validate_config({"seeds": [3], "experiments": {"aff": {"affinitynet": {"train": {"epochs": 2}, "shards": 4},
-                                                                  "deeplab": {"pseudo_masks": "affinitynet"}}}})
+    cfg = validate_config(
+        {
+            "seeds": [3],
+            "experiments": {
+                "aff": {
+                    "affinitynet": {"train": {"epochs": 2}, "shards": 4},
+                    "deeplab": {"pseudo_masks": "affinitynet"},
+                }
+            },
+        }
+    )
     run = run_config(cfg, "aff/s3")
     assert run["affinitynet"]["train"]["epochs"] == 2 and run["affinitynet"]["train"]["seed"] == 3
     assert run["affinitynet"]["train"]["lr"] == 0.1  # merged, not replaced
@@ -478,8 +502,15 @@ def test_stages_labels_train_resume_masks(tmp_path):
     store = _cam_store(tmp_path, images, keys_of)
     ds = _FakeDS(images)
     labels = tmp_path / "labels"
-    res = make_affinity_labels(ds, store, list(images), labels, {"low_alpha": 2, "high_alpha": 21}, progress=False,
-                               journal=ShardJournal(tmp_path / "j", {"a": 1}))
+    res = make_affinity_labels(
+        ds,
+        store,
+        list(images),
+        labels,
+        {"low_alpha": 2, "high_alpha": 21},
+        progress=False,
+        journal=ShardJournal(tmp_path / "j", {"a": 1}),
+    )
     assert res == {"written": 4, "skipped": 0}
     for i in images:
         la_p, ha_p = label_pair_paths(labels, i)
@@ -494,11 +525,24 @@ def test_stages_labels_train_resume_masks(tmp_path):
     cpu = torch.device("cpu")
     ids = list(images)
     tids = ids[1:3]  # two images, one batch: one step per epoch
-    full = train_affinitynet(ds, tids, labels, tmp_path / "a" / "aff.pt", tmp_path / "a", params, device=cpu, progress=False)
-    ck = train_affinitynet(ds, tids, labels, tmp_path / "b" / "aff.pt", tmp_path / "b", params, device=cpu, progress=False,
-                           stop_after_epochs=1)
+    full = train_affinitynet(
+        ds, tids, labels, tmp_path / "a" / "aff.pt", tmp_path / "a", params, device=cpu, progress=False
+    )
+    ck = train_affinitynet(
+        ds,
+        tids,
+        labels,
+        tmp_path / "b" / "aff.pt",
+        tmp_path / "b",
+        params,
+        device=cpu,
+        progress=False,
+        stop_after_epochs=1,
+    )
     assert ck.name == "last.pt"
-    resumed = train_affinitynet(ds, tids, labels, tmp_path / "b" / "aff.pt", tmp_path / "b", params, device=cpu, progress=False)
+    resumed = train_affinitynet(
+        ds, tids, labels, tmp_path / "b" / "aff.pt", tmp_path / "b", params, device=cpu, progress=False
+    )
     sa, sb = load_affinitynet(full, cpu).state_dict(), load_affinitynet(resumed, cpu).state_dict()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)
@@ -513,7 +557,10 @@ def test_stages_labels_train_resume_masks(tmp_path):
     out = tmp_path / "masks"
     infer = {"alpha": 16, "beta": 8, "logt": 3}
     journal = ShardJournal(tmp_path / "jm", {"a": 1})
-    assert make_affinitynet_masks(ds, store, ids, full, out, infer, device=cpu, progress=False, journal=journal) == {"written": 4, "skipped": 0}
+    assert make_affinitynet_masks(ds, store, ids, full, out, infer, device=cpu, progress=False, journal=journal) == {
+        "written": 4,
+        "skipped": 0,
+    }
     m = load_affinitynet(full, cpu)
     for i, img in images.items():
         lab = read_label_png(out / f"{i}.png")
@@ -523,12 +570,15 @@ def test_stages_labels_train_resume_masks(tmp_path):
         assert np.array_equal(lab, want)
     assert not read_label_png(out / "im3.png").any()
     (out / "im0.png").unlink()  # interrupted job: only the lost mask is redone
-    assert make_affinitynet_masks(ds, store, ids, full, out, infer, device=cpu, progress=False,
-                                  journal=ShardJournal(tmp_path / "jm", {"a": 1})) == {"written": 1, "skipped": 3}
+    assert make_affinitynet_masks(
+        ds, store, ids, full, out, infer, device=cpu, progress=False, journal=ShardJournal(tmp_path / "jm", {"a": 1})
+    ) == {"written": 1, "skipped": 3}
     with pytest.raises(ValueError, match="batch_size"):
         train_affinitynet(ds, ids[:1], labels, tmp_path / "c.pt", tmp_path / "c", params, progress=False)
     with pytest.raises(ValueError, match="classifier"):
-        train_affinitynet(ds, tids, labels, tmp_path / "c.pt", tmp_path / "c", {**params, "pretrained": "classifier"}, progress=False)
+        train_affinitynet(
+            ds, tids, labels, tmp_path / "c.pt", tmp_path / "c", {**params, "pretrained": "classifier"}, progress=False
+        )
     with pytest.raises(ValueError, match="not an AffinityNet model"):
         from wsss.engine import save_checkpoint
 

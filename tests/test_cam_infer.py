@@ -38,7 +38,9 @@ def test_flip_pair_batch_equals_separate_passes():
     img = (np.random.default_rng(0).random((37, 53, 3)) * 255).astype(np.uint8)
     scales, keys = [1.0, 0.5], np.array([1, 4])
     views = multiscale_views(img, scales, flip=True)
-    low, high = fused_cams(method, [torch.from_numpy(v) for v in views], img.shape[:2], keys, "max", torch.device("cpu"))
+    low, high = fused_cams(
+        method, [torch.from_numpy(v) for v in views], img.shape[:2], keys, "max", torch.device("cpu")
+    )
     assert low.shape == (2, 10, 14) and high.shape == (2, 37, 53)
 
     # reference: image and flip run one at a time, fused by hand
@@ -88,9 +90,22 @@ def test_infer_shards_and_sweep(tiny_cfg, tmp_path):
     method = small_method()
     paths = []
     for k in range(2):
-        paths.append(infer_cams(method, ds, shard_ids(ids, k, 2), labels, tmp_path / f"s{k}.h5", scales=[1.0, 0.5],
-                                flip=True, normalisation="max", resolved_config={"x": 1}, shard_index=k, num_shards=2,
-                                progress=False))
+        paths.append(
+            infer_cams(
+                method,
+                ds,
+                shard_ids(ids, k, 2),
+                labels,
+                tmp_path / f"s{k}.h5",
+                scales=[1.0, 0.5],
+                flip=True,
+                normalisation="max",
+                resolved_config={"x": 1},
+                shard_index=k,
+                num_shards=2,
+                progress=False,
+            )
+        )
     with CamStore(paths) as store:
         assert sorted(store.ids()) == sorted(ids)
         rec = store[ids[0]]

@@ -98,7 +98,9 @@ def test_both_orders_match_a_direct_computation(flip, normalisation):
         r = r[:, torch.as_tensor(keys)]
         ref_low += fuse(F.relu(F.interpolate(r, low_size, mode="bilinear", align_corners=False)))
         ref_high += fuse(F.relu(F.interpolate(r, size, mode="bilinear", align_corners=False)))
-    low, high = fused_cams(FixedCAM(raws, os_), _views(2, batch), size, keys, normalisation, torch.device("cpu"), "raw_then_relu")
+    low, high = fused_cams(
+        FixedCAM(raws, os_), _views(2, batch), size, keys, normalisation, torch.device("cpu"), "raw_then_relu"
+    )
     np.testing.assert_allclose(low, norm(ref_low), atol=1e-6)
     np.testing.assert_allclose(high, norm(ref_high), atol=1e-6)
 
@@ -108,7 +110,9 @@ def test_both_orders_match_a_direct_computation(flip, normalisation):
         o = fuse(F.relu(r))[torch.as_tensor(keys)][None]
         ref_low += F.interpolate(o, low_size, mode="bilinear", align_corners=False)[0]
         ref_grid += F.interpolate(o, grid, mode="bilinear", align_corners=False)[0]
-    low2, high2 = fused_cams(FixedCAM(raws, os_), _views(2, batch), size, keys, normalisation, torch.device("cpu"), "relu_then_raw")
+    low2, high2 = fused_cams(
+        FixedCAM(raws, os_), _views(2, batch), size, keys, normalisation, torch.device("cpu"), "relu_then_raw"
+    )
     np.testing.assert_allclose(low2, norm(ref_low), atol=1e-6)
     np.testing.assert_allclose(high2, norm(ref_grid[:, :21, :35]), atol=1e-6)
 
@@ -137,8 +141,14 @@ def _method(name: str) -> Method:
 
 @pytest.mark.parametrize(
     "name, default",
-    [("cam", "relu_then_raw"), ("gpp", "raw_then_relu"), ("cam+islfsl", "relu_then_raw"),
-     ("aeft", "raw_then_relu"), ("ktse", "raw_then_relu"), ("acr", "raw_then_relu")],
+    [
+        ("cam", "relu_then_raw"),
+        ("gpp", "raw_then_relu"),
+        ("cam+islfsl", "relu_then_raw"),
+        ("aeft", "raw_then_relu"),
+        ("ktse", "raw_then_relu"),
+        ("acr", "raw_then_relu"),
+    ],
 )
 def test_auto_is_the_method_default_and_raw_cam_is_cam_before_relu(name, default):
     method = _method(name)

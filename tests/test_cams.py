@@ -30,8 +30,9 @@ def make_maps(rng, k, h=37, w=50):
 
 
 def write_shard(path, images, config=CONFIG, shard_index=0, num_shards=1):
-    with CamShardWriter(path, config=config, scales=SCALES, normalisation="max",
-                        shard_index=shard_index, num_shards=num_shards) as w:
+    with CamShardWriter(
+        path, config=config, scales=SCALES, normalisation="max", shard_index=shard_index, num_shards=num_shards
+    ) as w:
         for image_id, (keys, cam, high) in images.items():
             w.add(image_id, keys, cam, high)
     return path
@@ -214,8 +215,9 @@ def test_not_a_cam_file(tmp_path):
 
 def test_config_hash_mismatch_between_shards(tmp_path, images):
     a = write_shard(tmp_path / "a.h5", {"img_0": images["img_0"]}, shard_index=0, num_shards=2)
-    b = write_shard(tmp_path / "b.h5", {"img_1": images["img_1"]}, config={**CONFIG, "seed": 1},
-                    shard_index=1, num_shards=2)
+    b = write_shard(
+        tmp_path / "b.h5", {"img_1": images["img_1"]}, config={**CONFIG, "seed": 1}, shard_index=1, num_shards=2
+    )
     with pytest.raises(ValueError, match="different configs") as e:
         CamStore([a, b])
     assert str(a) in str(e.value) and str(b) in str(e.value)

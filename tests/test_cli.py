@@ -71,8 +71,8 @@ def build_results(root: Path, cfg, n_images: int = 3) -> dict:
     from wsss.engine import save_checkpoint
     from wsss.io import voc_palette, write_label_png
     from wsss.metrics import write_metrics_csv
-    from wsss.workflow.markers import masks_dir, write_shard_marker
     from wsss.seeds import cam_to_label, write_table
+    from wsss.workflow.markers import masks_dir, write_shard_marker
 
     results = root / "results"
     run_dir = results / TAG / RUN
@@ -84,8 +84,13 @@ def build_results(root: Path, cfg, n_images: int = 3) -> dict:
 
     cam_params = stage_params(rc, "cam")
     maps = {}
-    with CamShardWriter(run_dir / "cams" / "shard-1-of-1.h5", config=cam_params, scales=[1.0, 0.5],
-                        normalisation="max", num_classes=ds.num_fg_classes) as w:
+    with CamShardWriter(
+        run_dir / "cams" / "shard-1-of-1.h5",
+        config=cam_params,
+        scales=[1.0, 0.5],
+        normalisation="max",
+        num_classes=ds.num_fg_classes,
+    ) as w:
         for i in ids:
             gt = ds.load_mask(i)
             keys = _present_keys(gt)
@@ -95,8 +100,16 @@ def build_results(root: Path, cfg, n_images: int = 3) -> dict:
             w.add(i, keys, cam, high)
             maps[i] = (keys, high)
 
-    sweep = pd.DataFrame({"threshold": [0.1, 0.2], "split": "val", "miou": [0.2, 0.3], "chosen_with_gt": [False, True],
-                          "package_version": wsss.__version__, "config_hash": config_hash(cam_params)})
+    sweep = pd.DataFrame(
+        {
+            "threshold": [0.1, 0.2],
+            "split": "val",
+            "miou": [0.2, 0.3],
+            "chosen_with_gt": [False, True],
+            "package_version": wsss.__version__,
+            "config_hash": config_hash(cam_params),
+        }
+    )
     write_table(sweep, run_dir / "seeds" / "threshold_sweep.csv")
 
     def masks(folder: str, kind: str, resolved: dict, label_of) -> Path:
@@ -111,18 +124,32 @@ def build_results(root: Path, cfg, n_images: int = 3) -> dict:
     masks("seeds/masks", "seeds", seed_resolved, lambda i: cam_to_label(maps[i][1], maps[i][0], 0.2))
     crf_dir = masks("crf", "crf", stage_params(rc, "crf"), ds.load_mask)
     masks("irn/masks", "irn", stage_params(rc, "irn_infer"), ds.load_mask)
-    write_metrics_csv(run_dir / "crf" / "metrics.csv",
-                      {"kind": "crf", "split": "val", "miou": 0.3, "package_version": wsss.__version__, "mask_dir": str(crf_dir)})
+    write_metrics_csv(
+        run_dir / "crf" / "metrics.csv",
+        {"kind": "crf", "split": "val", "miou": 0.3, "package_version": wsss.__version__, "mask_dir": str(crf_dir)},
+    )
 
     clf = stage_params(rc, "classifier")
-    save_checkpoint(run_dir / "classifier" / "model.pt", model={"w": torch.zeros(3)}, method="cam", config=clf,
-                    config_hash=config_hash(clf))
-    write_metrics_csv(run_dir / "deeplab" / "metrics.csv",
-                      {"split": "val", "package_version": wsss.__version__,
-                       "config_hash": config_hash(stage_params(rc, "deeplab_eval")), "miou": 0.25})
+    save_checkpoint(
+        run_dir / "classifier" / "model.pt",
+        model={"w": torch.zeros(3)},
+        method="cam",
+        config=clf,
+        config_hash=config_hash(clf),
+    )
+    write_metrics_csv(
+        run_dir / "deeplab" / "metrics.csv",
+        {
+            "split": "val",
+            "package_version": wsss.__version__,
+            "config_hash": config_hash(stage_params(rc, "deeplab_eval")),
+            "miou": 0.25,
+        },
+    )
     (results / TAG / "tables").mkdir(parents=True)
     pd.DataFrame({"run": [RUN], "seed_miou": [0.3], "package_version": [wsss.__version__]}).to_csv(
-        results / TAG / "tables" / "summary.csv", index=False)
+        results / TAG / "tables" / "summary.csv", index=False
+    )
     # not outputs: a resume checkpoint, a journal, a benchmark, a log
     (run_dir / "classifier" / "work").mkdir()
     (run_dir / "classifier" / "work" / "last.pt").write_bytes(b"not read")
@@ -152,9 +179,15 @@ def test_status_all_current(tree, cfg, cfg_file, capsys):
     st = by_rel(collect_status(results, cfg), results)
     run = f"{TAG}/{RUN}"
     assert set(st) == {
-        f"{run}/cams/shard-1-of-1.h5", f"{run}/seeds/threshold_sweep.csv", f"{run}/seeds/masks/shard-1-of-1.json",
-        f"{run}/crf/shard-1-of-1.json", f"{run}/crf/metrics.csv", f"{run}/irn/masks/shard-1-of-1.json",
-        f"{run}/classifier/model.pt", f"{run}/deeplab/metrics.csv", f"{TAG}/tables/summary.csv",
+        f"{run}/cams/shard-1-of-1.h5",
+        f"{run}/seeds/threshold_sweep.csv",
+        f"{run}/seeds/masks/shard-1-of-1.json",
+        f"{run}/crf/shard-1-of-1.json",
+        f"{run}/crf/metrics.csv",
+        f"{run}/irn/masks/shard-1-of-1.json",
+        f"{run}/classifier/model.pt",
+        f"{run}/deeplab/metrics.csv",
+        f"{TAG}/tables/summary.csv",
     }
     assert not any(s.stale for s in st.values()), format_table(list(st.values()))
     for rel, s in st.items():
@@ -184,22 +217,43 @@ def test_status_and_show_know_affinitynet(tree, cfg):
     results, run_dir, ids, ds = tree["results"], tree["run_dir"], tree["ids"], tree["ds"]
     rc = run_config(cfg, RUN)
     train = stage_params(rc, "affinitynet_train")
-    save_checkpoint(run_dir / "affinitynet" / "model.pt", model={"w": torch.zeros(3)}, method="affinitynet", config=train,
-                    config_hash=config_hash(train))
-    for folder, kind, stage in (("labels", "affinity_labels", "affinity_labels"), ("masks", "affinitynet", "affinitynet_infer")):
+    save_checkpoint(
+        run_dir / "affinitynet" / "model.pt",
+        model={"w": torch.zeros(3)},
+        method="affinitynet",
+        config=train,
+        config_hash=config_hash(train),
+    )
+    for folder, kind, stage in (
+        ("labels", "affinity_labels", "affinity_labels"),
+        ("masks", "affinitynet", "affinitynet_infer"),
+    ):
         resolved = stage_params(rc, stage)
         out = masks_dir(run_dir / "affinitynet" / folder, resolved)
         for i in ids:
             write_label_png(out / f"{i}.png", ds.load_mask(i), voc_palette())
-        write_shard_marker(run_dir / "affinitynet" / folder / "shard-1-of-1.json", kind=kind, ids=ids, mask_dir=out, resolved=resolved)
-    write_metrics_csv(run_dir / "affinitynet" / "masks" / "metrics.csv",
-                      {"kind": "affinitynet", "split": "val", "miou": 0.3, "package_version": wsss.__version__, "mask_dir": str(out)})
+        write_shard_marker(
+            run_dir / "affinitynet" / folder / "shard-1-of-1.json", kind=kind, ids=ids, mask_dir=out, resolved=resolved
+        )
+    write_metrics_csv(
+        run_dir / "affinitynet" / "masks" / "metrics.csv",
+        {"kind": "affinitynet", "split": "val", "miou": 0.3, "package_version": wsss.__version__, "mask_dir": str(out)},
+    )
     st = by_rel(collect_status(results, cfg), results)
     run = f"{TAG}/{RUN}/affinitynet"
-    rules = {rel: st[f"{run}/{rel}"].rule for rel in ("model.pt", "labels/shard-1-of-1.json", "masks/shard-1-of-1.json", "masks/metrics.csv")}
-    assert rules == {"model.pt": "train_affinitynet", "labels/shard-1-of-1.json": "affinity_labels_shard",
-                     "masks/shard-1-of-1.json": "affinitynet_masks_shard", "masks/metrics.csv": "eval_masks"}, rules
-    assert all(st[f"{run}/{rel}"].config_match == "yes" and not st[f"{run}/{rel}"].stale for rel in rules), format_table(list(st.values()))
+    rules = {
+        rel: st[f"{run}/{rel}"].rule
+        for rel in ("model.pt", "labels/shard-1-of-1.json", "masks/shard-1-of-1.json", "masks/metrics.csv")
+    }
+    assert rules == {
+        "model.pt": "train_affinitynet",
+        "labels/shard-1-of-1.json": "affinity_labels_shard",
+        "masks/shard-1-of-1.json": "affinitynet_masks_shard",
+        "masks/metrics.csv": "eval_masks",
+    }, rules
+    assert all(st[f"{run}/{rel}"].config_match == "yes" and not st[f"{run}/{rel}"].stale for rel in rules), (
+        format_table(list(st.values()))
+    )
     assert "AffinityNet" in image_panels(ds, run_dir, ids[0]).titles
 
 
@@ -256,7 +310,10 @@ def test_status_config_change(tree, cfg_file, tmp_path, capsys):
     assert st[f"{run}/seeds/threshold_sweep.csv"].config_match == "no"
     assert st[f"{run}/crf/shard-1-of-1.json"].config_match == "yes"
     assert st[f"{run}/crf/metrics.csv"].config_match == "yes"
-    assert {rel for rel, s in st.items() if s.stale} == {f"{run}/cams/shard-1-of-1.h5", f"{run}/seeds/threshold_sweep.csv"}
+    assert {rel for rel, s in st.items() if s.stale} == {
+        f"{run}/cams/shard-1-of-1.h5",
+        f"{run}/seeds/threshold_sweep.csv",
+    }
     assert main(["status", "--results", str(results), "--configfile", str(cfg_file), str(over)]) == EXIT_STALE
     assert "--forcerun cam_shard seed_eval" in capsys.readouterr().out
 
@@ -316,7 +373,7 @@ def test_show_writes_panels(tree, tmp_path):
             assert im.format == "PNG" and im.width == 6 * (64 + 4) + 4
 
         per_class = write_image_panel(tree["ds"], tree["run_dir"], image_id, out, per_class=True, tile=64)
-        assert per_class.titles[2: 2 + k] == [f"CAM {names[int(c) + 1]}" for c in keys]
+        assert per_class.titles[2 : 2 + k] == [f"CAM {names[int(c) + 1]}" for c in keys]
         with Image.open(out) as im:
             assert im.width == (5 + k) * (64 + 4) + 4
     assert not list(tmp_path.glob(".tmp-*"))
@@ -351,8 +408,22 @@ def test_show_damaged_marker_is_a_note(tree):
 def test_show_cli(tree, cfg_file, tmp_path, capsys):
     image_id = tree["ids"][0]
     out = tmp_path / "p.png"
-    rc = main(["show", image_id, "--results", str(tree["results"]), "--experiment", RUN, "--out", str(out),
-               "--configfile", str(cfg_file), "--tile", "48"])
+    rc = main(
+        [
+            "show",
+            image_id,
+            "--results",
+            str(tree["results"]),
+            "--experiment",
+            RUN,
+            "--out",
+            str(out),
+            "--configfile",
+            str(cfg_file),
+            "--tile",
+            "48",
+        ]
+    )
     assert rc == EXIT_OK, capsys.readouterr()
     assert out.exists() and "image, ground truth, CAM" in capsys.readouterr().out
     # no config: the dataset tag and run are the only ones there, the images found from the config
@@ -369,22 +440,61 @@ def test_show_cli(tree, cfg_file, tmp_path, capsys):
 
 def test_show_unknown_image_id(tree, cfg_file, tmp_path, capsys):
     out = tmp_path / "p.png"
-    rc = main(["show", "no_such_image", "--results", str(tree["results"]), "--experiment", RUN, "--out", str(out),
-               "--configfile", str(cfg_file)])
+    rc = main(
+        [
+            "show",
+            "no_such_image",
+            "--results",
+            str(tree["results"]),
+            "--experiment",
+            RUN,
+            "--out",
+            str(out),
+            "--configfile",
+            str(cfg_file),
+        ]
+    )
     assert rc == EXIT_ERROR and not out.exists()
     err = capsys.readouterr().err
     assert "unknown image id 'no_such_image'" in err and err.startswith("wsss show: error:")
     # and an unknown run names the runs there
-    rc = main(["show", tree["ids"][0], "--results", str(tree["results"]), "--experiment", "nope/s0", "--out", str(out),
-               "--configfile", str(cfg_file)])
+    rc = main(
+        [
+            "show",
+            tree["ids"][0],
+            "--results",
+            str(tree["results"]),
+            "--experiment",
+            "nope/s0",
+            "--out",
+            str(out),
+            "--configfile",
+            str(cfg_file),
+        ]
+    )
     assert rc == EXIT_ERROR and "baseline/s0" in capsys.readouterr().err
 
 
 def test_show_unknown_image_id_console_script(tree, cfg_file, tmp_path):
     exe = Path(sys.executable).with_name("wsss")
-    r = subprocess.run([str(exe), "show", "no_such_image", "--results", str(tree["results"]), "--experiment", RUN,
-                        "--out", str(tmp_path / "p.png"), "--configfile", str(cfg_file)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            str(exe),
+            "show",
+            "no_such_image",
+            "--results",
+            str(tree["results"]),
+            "--experiment",
+            RUN,
+            "--out",
+            str(tmp_path / "p.png"),
+            "--configfile",
+            str(cfg_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == EXIT_ERROR and "no_such_image" in r.stderr, r.stderr
 
 
@@ -392,8 +502,10 @@ def test_show_unknown_image_id_console_script(tree, cfg_file, tmp_path):
 # entry points
 
 
-@pytest.mark.parametrize("cmd", [["wsss", "--help"], ["-m", "wsss", "--help"], ["wsss", "status", "--help"],
-                                 ["-m", "wsss", "show", "--help"]])
+@pytest.mark.parametrize(
+    "cmd",
+    [["wsss", "--help"], ["-m", "wsss", "--help"], ["wsss", "status", "--help"], ["-m", "wsss", "show", "--help"]],
+)
 def test_entry_points_help(cmd):
     if cmd[0] == "wsss":
         exe = Path(sys.executable).with_name("wsss")

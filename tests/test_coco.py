@@ -249,13 +249,28 @@ def mini_coco() -> dict:
         ],
         "annotations": [
             {"id": 101, "image_id": 9, "category_id": 1, "iscrowd": 0, "segmentation": [[2, 3, 12, 3, 12, 10, 2, 10]]},
-            {"id": 102, "image_id": 9, "category_id": 13, "iscrowd": 0,
-             "segmentation": {"size": [H9, W9], "counts": counts_to_string(encode_counts(STOP))}},
-            {"id": 103, "image_id": 9, "category_id": 90, "iscrowd": 1,
-             "segmentation": {"size": [H9, W9], "counts": encode_counts(CROWD)}},
+            {
+                "id": 102,
+                "image_id": 9,
+                "category_id": 13,
+                "iscrowd": 0,
+                "segmentation": {"size": [H9, W9], "counts": counts_to_string(encode_counts(STOP))},
+            },
+            {
+                "id": 103,
+                "image_id": 9,
+                "category_id": 90,
+                "iscrowd": 1,
+                "segmentation": {"size": [H9, W9], "counts": encode_counts(CROWD)},
+            },
             # image 25 holds only a crowd region; image 30 has no annotation at all
-            {"id": 104, "image_id": 25, "category_id": 1, "iscrowd": 1,
-             "segmentation": {"size": [16, 16], "counts": encode_counts(rect(16, 16, 0, 8, 0, 16))}},
+            {
+                "id": 104,
+                "image_id": 25,
+                "category_id": 1,
+                "iscrowd": 1,
+                "segmentation": {"size": [16, 16], "counts": encode_counts(rect(16, 16, 0, 8, 0, 16))},
+            },
         ],
         "categories": json_categories(),
     }
@@ -350,8 +365,12 @@ def test_build_coco_masks(tmp_path):
 
     # a subset, in the given order, to explicit list/labels paths
     stats = build_coco_masks(
-        root / "annotations" / "instances_train2014.json", tmp_path / "sub", image_ids=["30", 9],
-        list_path=tmp_path / "sub.txt", labels_path=tmp_path / "sub.csv", progress=False,
+        root / "annotations" / "instances_train2014.json",
+        tmp_path / "sub",
+        image_ids=["30", 9],
+        list_path=tmp_path / "sub.txt",
+        labels_path=tmp_path / "sub.csv",
+        progress=False,
     )
     assert stats["images"] == 2 and (tmp_path / "sub.txt").read_text() == "30\n9\n"
     np.testing.assert_array_equal(read_label_png(tmp_path / "sub" / "9.png"), expected_mask9("background"))
@@ -485,7 +504,8 @@ def test_module_entry_point(tmp_path):
     root = write_mini_coco(tmp_path / "coco")
     r = subprocess.run(
         [sys.executable, "-m", "wsss.data.coco", str(root), "--crowd", "background", "--no-progress"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert r.returncode == 0, r.stderr
     assert (root / "mask" / ".complete").exists()

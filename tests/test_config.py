@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from wsss.config import ConfigError, config_hash, experiment_config, load_config_file, run_config, run_names, stage_config, validate_config
+from wsss.config import (
+    ConfigError,
+    config_hash,
+    experiment_config,
+    load_config_file,
+    run_config,
+    run_names,
+    stage_config,
+    validate_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +58,9 @@ def test_bad_configs_name_the_key(raw, match):
 
 
 def test_experiment_overrides_are_merged_and_validated():
-    cfg = validate_config({"experiments": {"a": {}, "b": {"classifier": {"epochs": 3, "backbone_options": {"freeze_bn": True}}}}})
+    cfg = validate_config(
+        {"experiments": {"a": {}, "b": {"classifier": {"epochs": 3, "backbone_options": {"freeze_bn": True}}}}}
+    )
     b = experiment_config(cfg, "b")
     assert b["classifier"]["epochs"] == 3 and b["classifier"]["backbone_options"]["freeze_bn"] is True
     assert b["classifier"]["backbone_options"]["trainable_from"] == "stage3"  # merged, not replaced
@@ -84,7 +95,9 @@ def test_config_file_errors(tmp_path):
 
 def test_runs_per_seed():
     opts = {"teacher_path": "x/{seed}/m.pt"}  # option names are checked against the method's
-    cfg = validate_config({"seeds": [0, 3], "experiments": {"a": {"classifier": {"method": "smaf", "method_options": opts}}}})
+    cfg = validate_config(
+        {"seeds": [0, 3], "experiments": {"a": {"classifier": {"method": "smaf", "method_options": opts}}}}
+    )
     assert run_names(cfg) == ["a/s0", "a/s3"]
     r = run_config(cfg, "a/s3")
     assert r["classifier"]["seed"] == 3 and r["deeplab"]["seed"] == 3 and r["irn"]["train"]["seed"] == 3
@@ -102,27 +115,69 @@ def test_runs_per_seed():
     "raw, match",
     [
         # backbones and models (registries), checked before the DAG like classifier.backbone
-        ({"irn": {"train": {"backbone": "resnet5O"}}}, r"config key 'irn.train.backbone': unknown backbone 'resnet5O'; valid: .*resnet50"),
-        ({"irn": {"train": {"backbone": "resnet38", "pretrained": "none"}}}, r"config key 'irn.train.backbone': .*ResNet"),
-        ({"deeplab": {"backbone": "resnet101-os8"}}, r"config key 'deeplab.backbone': unknown backbone 'resnet101-os8'; valid: .*resnet101_os8"),
+        (
+            {"irn": {"train": {"backbone": "resnet5O"}}},
+            r"config key 'irn.train.backbone': unknown backbone 'resnet5O'; valid: .*resnet50",
+        ),
+        (
+            {"irn": {"train": {"backbone": "resnet38", "pretrained": "none"}}},
+            r"config key 'irn.train.backbone': .*ResNet",
+        ),
+        (
+            {"deeplab": {"backbone": "resnet101-os8"}},
+            r"config key 'deeplab.backbone': unknown backbone 'resnet101-os8'; valid: .*resnet101_os8",
+        ),
         ({"deeplab": {"backbone": "resnet18"}}, r"config key 'deeplab.backbone': .*output-stride-8 .*resnet18_os8"),
         ({"deeplab": {"model": "deeplabv3plus", "backbone": "resnet38"}}, r"config key 'deeplab.backbone': .*stride-4"),
         ({"deeplab": {"model": "deeplabv3"}}, r"config key 'deeplab.model': 'deeplabv3' is not one of"),
         ({"deeplab": {"model_options": {"ratez": [6, 12]}}}, r"config key 'deeplab.model_options': .*ratez"),
-        ({"deeplab": {"crf_params": {"pos_wt": 3}}}, r"unknown config key\(s\) 'pos_wt' under 'deeplab.crf_params'; valid keys: .*pos_w"),
+        (
+            {"deeplab": {"crf_params": {"pos_wt": 3}}},
+            r"unknown config key\(s\) 'pos_wt' under 'deeplab.crf_params'; valid keys: .*pos_w",
+        ),
         ({"crf": {"mode": "alfa"}}, r"config key 'crf.mode': 'alfa' is not one of"),
         # backbone options and method options (unknown names used to fail in the training job)
-        ({"classifier": {"backbone": "resnet38"}}, r"config key 'classifier.backbone_options': .*trainable_from 'stage3'"),
-        ({"classifier": {"backbone_options": {"freez_bn": True}}}, r"config key 'classifier.backbone_options': .*freez_bn"),
-        ({"classifier": {"method_options": {"head_lr_mul": 10}}}, r"config key 'classifier.method_options': unknown option\(s\) \['head_lr_mul'\] of method 'cam'; valid: .*head_lr_mult"),
-        ({"classifier": {"method": "cam+islfsl", "method_options": {"islfsl": {"fls": False}}}}, r"config key 'classifier.method_options.islfsl': unknown option\(s\) \['fls'\]"),
+        (
+            {"classifier": {"backbone": "resnet38"}},
+            r"config key 'classifier.backbone_options': .*trainable_from 'stage3'",
+        ),
+        (
+            {"classifier": {"backbone_options": {"freez_bn": True}}},
+            r"config key 'classifier.backbone_options': .*freez_bn",
+        ),
+        (
+            {"classifier": {"method_options": {"head_lr_mul": 10}}},
+            r"config key 'classifier.method_options': unknown option\(s\) \['head_lr_mul'\] of method 'cam'; valid: .*head_lr_mult",
+        ),
+        (
+            {"classifier": {"method": "cam+islfsl", "method_options": {"islfsl": {"fls": False}}}},
+            r"config key 'classifier.method_options.islfsl': unknown option\(s\) \['fls'\]",
+        ),
         # pretrained weights: names, their backbones and paths
-        ({"classifier": {"pretrained": "imagnet"}}, r"config key 'classifier.pretrained': 'imagnet' is neither one of none, imagenet, imagenet_v2 nor an existing file"),
+        (
+            {"classifier": {"pretrained": "imagnet"}},
+            r"config key 'classifier.pretrained': 'imagnet' is neither one of none, imagenet, imagenet_v2 nor an existing file",
+        ),
         ({"deeplab": {"pretrained": "imagenet_v2"}}, r"config key 'deeplab.pretrained': .*imagenet_v2.*'resnet18_os8'"),
-        ({"classifier": {"backbone": "resnet38", "backbone_options": {"trainable_from": "b3"}, "pretrained": "imagenet"}}, r"config key 'classifier.pretrained': .*resnet38"),
-        ({"irn": {"train": {"backbone": "resnet18", "pretrained": "classifer"}}}, r"config key 'irn.train.pretrained': 'classifer' is neither one of none, imagenet, imagenet_v2, classifier"),
+        (
+            {
+                "classifier": {
+                    "backbone": "resnet38",
+                    "backbone_options": {"trainable_from": "b3"},
+                    "pretrained": "imagenet",
+                }
+            },
+            r"config key 'classifier.pretrained': .*resnet38",
+        ),
+        (
+            {"irn": {"train": {"backbone": "resnet18", "pretrained": "classifer"}}},
+            r"config key 'irn.train.pretrained': 'classifer' is neither one of none, imagenet, imagenet_v2, classifier",
+        ),
         ({"deeplab": {"pretrained": "classifier"}}, r"config key 'deeplab.pretrained': 'classifier' is neither"),
-        ({"irn": {"train": {"backbone": "resnet50", "pretrained": "classifier"}}}, r"config key 'irn.train.backbone': .*'resnet50'.*classifier.backbone 'resnet18'"),
+        (
+            {"irn": {"train": {"backbone": "resnet50", "pretrained": "classifier"}}},
+            r"config key 'irn.train.backbone': .*'resnet50'.*classifier.backbone 'resnet18'",
+        ),
         # synthetic generator values (not only names)
         ({"synthetic": {"overrides": {"long_side": [72, 56]}}}, r"config key 'synthetic.overrides': .*long_side"),
     ],
@@ -136,22 +191,37 @@ def test_valid_names_and_paths_pass(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"")
     validate_config({"classifier": {"pretrained": str(weights)}, "deeplab": {"pretrained": "imagenet"}})
-    validate_config({"classifier": {"backbone": "resnet50", "pretrained": "imagenet_v2"},
-                     "irn": {"train": {"backbone": "resnet50_os8", "pretrained": "classifier"}},
-                     "deeplab": {"model": "deeplabv3plus", "backbone": "resnet18", "model_options": {"aspp_channels": 32}}})
-    validate_config({"classifier": {"backbone": "resnet38", "backbone_options": {"trainable_from": "b3"}},
-                     "irn": {"train": {"backbone": "resnet18", "pretrained": "none"}}, "deeplab": {"backbone": "resnet38"}})
-    validate_config({"classifier": {"method": "cam+islfsl", "method_options": {"head_lr_mult": 5, "islfsl": {"fsl": False}}}})
+    validate_config(
+        {
+            "classifier": {"backbone": "resnet50", "pretrained": "imagenet_v2"},
+            "irn": {"train": {"backbone": "resnet50_os8", "pretrained": "classifier"}},
+            "deeplab": {"model": "deeplabv3plus", "backbone": "resnet18", "model_options": {"aspp_channels": 32}},
+        }
+    )
+    validate_config(
+        {
+            "classifier": {"backbone": "resnet38", "backbone_options": {"trainable_from": "b3"}},
+            "irn": {"train": {"backbone": "resnet18", "pretrained": "none"}},
+            "deeplab": {"backbone": "resnet38"},
+        }
+    )
+    validate_config(
+        {"classifier": {"method": "cam+islfsl", "method_options": {"head_lr_mult": 5, "islfsl": {"fsl": False}}}}
+    )
 
 
 def test_experiment_overrides_are_checked_before_the_dag():
     """Every experiment's merged config is checked by validate_config itself (not only by run_config)."""
-    with pytest.raises(ConfigError, match=r"(?s)experiment 'x'.*config key 'deeplab.backbone': unknown backbone 'resnet1O1_os8'"):
+    with pytest.raises(
+        ConfigError, match=r"(?s)experiment 'x'.*config key 'deeplab.backbone': unknown backbone 'resnet1O1_os8'"
+    ):
         validate_config({"experiments": {"base": {}, "x": {"deeplab": {"backbone": "resnet1O1_os8"}}}})
     with pytest.raises(ConfigError, match=r"(?s)experiment 'y'.*config key 'classifier.resize_long'"):
         validate_config({"experiments": {"y": {"classifier": {"resize_long": [300, 100]}}}})
     with pytest.raises(ConfigError, match=r"(?s)experiment 'z'.*config key 'irn.train.backbone'"):
-        validate_config({"experiments": {"z": {"classifier": {"backbone": "resnet50"}}}})  # IRN keeps resnet18 from the classifier
+        validate_config(
+            {"experiments": {"z": {"classifier": {"backbone": "resnet50"}}}}
+        )  # IRN keeps resnet18 from the classifier
 
 
 @pytest.mark.parametrize(
@@ -183,7 +253,10 @@ def test_non_finite_from_yaml(tmp_path):
 @pytest.mark.parametrize(
     "raw, match",
     [
-        ({"classifier": {"resize_long": [200, 10]}}, r"config key 'classifier.resize_long': \[200, 10\] is not a range \[min, max\] with min <= max"),
+        (
+            {"classifier": {"resize_long": [200, 10]}},
+            r"config key 'classifier.resize_long': \[200, 10\] is not a range \[min, max\] with min <= max",
+        ),
         ({"classifier": {"resize_long": [0, 10]}}, r"config key 'classifier.resize_long.0'"),
         ({"deeplab": {"scale_range": [0.9, 0.5]}}, r"config key 'deeplab.scale_range': \[0.9, 0.5\] is not a range"),
         ({"deeplab": {"scale_range": [0.5, 1.5]}}, r"config key 'deeplab.scale_range': .*area fraction.*<= 1"),
@@ -195,7 +268,10 @@ def test_non_finite_from_yaml(tmp_path):
         ({"seed_eval": {"thresholds": [0.1, 0.2, 0.1]}}, r"config key 'seed_eval.thresholds'"),
         ({"seed_eval": {"thresholds": [0.1, 1.2]}}, r"config key 'seed_eval.thresholds.1'"),
         ({"irn": {"train": {"rescale": [1.5, 0.5]}}}, r"config key 'irn.train.rescale': \[1.5, 0.5\] is not a range"),
-        ({"irn": {"ir_label": {"fg_thresh": 0.05, "bg_thresh": 0.3}}}, r"config key 'irn.ir_label.bg_thresh': 0.3 must not exceed irn.ir_label.fg_thresh"),
+        (
+            {"irn": {"ir_label": {"fg_thresh": 0.05, "bg_thresh": 0.3}}},
+            r"config key 'irn.ir_label.bg_thresh': 0.3 must not exceed irn.ir_label.fg_thresh",
+        ),
     ],
 )
 def test_inverted_or_invalid_ranges_are_refused(raw, match):
@@ -205,7 +281,11 @@ def test_inverted_or_invalid_ranges_are_refused(raw, match):
 
 def test_example_configs_validate():
     """config.yaml, configs/*.yaml and tests/configs/*.yaml (with every experiment and run) pass."""
-    files = [REPO / "config.yaml", *sorted((REPO / "configs").glob("*.yaml")), *sorted((REPO / "tests" / "configs").glob("*.yaml"))]
+    files = [
+        REPO / "config.yaml",
+        *sorted((REPO / "configs").glob("*.yaml")),
+        *sorted((REPO / "tests" / "configs").glob("*.yaml")),
+    ]
     assert len(files) >= 5
     for f in files:
         cfg = load_config_file(f)
@@ -227,7 +307,9 @@ def test_schema_enums_match_the_code():
     def kwargs(fn, skip):
         return sorted(n for n in inspect.signature(fn).parameters if n not in skip)
 
-    assert sorted(props["deeplab"]["properties"]["crf_params"]["properties"]) == kwargs(crf.deeplab_crf, ("img", "probs"))
+    assert sorted(props["deeplab"]["properties"]["crf_params"]["properties"]) == kwargs(
+        crf.deeplab_crf, ("img", "probs")
+    )
     ir_crf = props["irn"]["properties"]["ir_label"]["properties"]["crf"]["properties"]
     assert sorted(ir_crf) == kwargs(crf.crf_inference_label, ("img", "labels", "n_labels"))
     from wsss.cam_infer import UPSAMPLE_AUTO, UPSAMPLES
@@ -235,6 +317,11 @@ def test_schema_enums_match_the_code():
     assert sorted(props["cam"]["properties"]["upsample"]["enum"]) == sorted(UPSAMPLES + (UPSAMPLE_AUTO,))
     dl = props["deeplab"]["properties"]
     assert sorted(dl["model"]["enum"]) == list_seg_models()
-    for key, names in [("pseudo_masks", seg_params.PSEUDO_MASK_SOURCES), ("ce_normalisation", seg_params.CE_NORMALISATIONS),
-                       ("fusion", seg_params.FUSIONS), ("crf_image", seg_params.CRF_IMAGES), ("augment", seg_params.AUGMENTS)]:
+    for key, names in [
+        ("pseudo_masks", seg_params.PSEUDO_MASK_SOURCES),
+        ("ce_normalisation", seg_params.CE_NORMALISATIONS),
+        ("fusion", seg_params.FUSIONS),
+        ("crf_image", seg_params.CRF_IMAGES),
+        ("augment", seg_params.AUGMENTS),
+    ]:
         assert sorted(dl[key]["enum"]) == sorted(names), key

@@ -13,7 +13,6 @@ from wsss.data.voc import VOCDataset
 from wsss.io import DataError, read_label_png, voc_palette, write_label_png
 from wsss.metrics import ConfusionMatrix
 from wsss.refine import crf as crfmod
-from wsss.seeds import cam_to_label
 from wsss.refine.crf import (
     crf_inference_label,
     crf_masks_shard,
@@ -23,6 +22,7 @@ from wsss.refine.crf import (
     deeplab_crf,
     evaluate_masks,
 )
+from wsss.seeds import cam_to_label
 
 H, W, EDGE = 40, 60, 30  # two flat colour regions; the true foreground is columns >= EDGE
 
@@ -107,8 +107,10 @@ def test_non_contiguous_and_int_images_are_accepted(scene):
     read_only = img.copy()
     read_only.flags.writeable = False  # as returned by np.asarray(PIL image)
     np.testing.assert_array_equal(crf_with_alpha(read_only, cam, [0], 2)[1], ref)
-    np.testing.assert_array_equal(crf_inference_label(read_only, (cam[0] > 0.5).astype(np.uint8), 2),
-                                  crf_inference_label(img, (cam[0] > 0.5).astype(np.uint8), 2))
+    np.testing.assert_array_equal(
+        crf_inference_label(read_only, (cam[0] > 0.5).astype(np.uint8), 2),
+        crf_inference_label(img, (cam[0] > 0.5).astype(np.uint8), 2),
+    )
 
 
 # ------------------------------------------------------------------ IRN label CRF
@@ -183,7 +185,9 @@ def test_crf_settings_defaults_and_errors():
     assert crf_settings({"mode": "threshold", "bi_sxy": 60})["bi_sxy"] == 60
     # the defaults are the schema's (no table of their own)
     d = section_defaults("crf")
-    assert {k: p[k] for k in ("mode", "alpha", "bg_threshold", "iterations", "gt_prob")} == {k: d[k] for k in ("mode", "alpha", "bg_threshold", "iterations", "gt_prob")}
+    assert {k: p[k] for k in ("mode", "alpha", "bg_threshold", "iterations", "gt_prob")} == {
+        k: d[k] for k in ("mode", "alpha", "bg_threshold", "iterations", "gt_prob")
+    }
     with pytest.raises(ValueError, match="alpah"):
         crf_settings({"alpah": 9})
     with pytest.raises(ValueError, match="crf.mode"):
@@ -209,7 +213,11 @@ def cam_setup(tiny_root, tmp_path_factory):
             gt = ds.load_mask(image_id)
             keys = np.flatnonzero(ds.labels(image_id)).astype(np.int64)
             h, wd = gt.shape
-            high = np.stack([(gt == k + 1).astype(np.float32) for k in keys]) if len(keys) else np.zeros((0, h, wd), np.float32)
+            high = (
+                np.stack([(gt == k + 1).astype(np.float32) for k in keys])
+                if len(keys)
+                else np.zeros((0, h, wd), np.float32)
+            )
             high = np.clip(0.7 * high + rng.uniform(0, 0.3, high.shape), 0, 1).astype(np.float32)
             low = high[:, ::4, ::4]
             assert low.shape[1:] == (math.ceil(h / 4), math.ceil(wd / 4))
@@ -258,8 +266,15 @@ def test_crf_masks_shard_writes_resumes_and_evaluates(cam_setup, tmp_path, monke
     np.testing.assert_array_equal(read_label_png(out / f"{ids[1]}.png"), expect)
     # a second run of the finished job (forced rerun) recomputes everything
     with CamStore(path) as store:
-        assert crf_masks_shard(ds, store, ids, out, {"alpha": 4}, progress=False,
-                               journal=ShardJournal(tmp_path / "shard.journal", {"job": 1})) == {"written": len(ids), "skipped": 0}
+        assert crf_masks_shard(
+            ds,
+            store,
+            ids,
+            out,
+            {"alpha": 4},
+            progress=False,
+            journal=ShardJournal(tmp_path / "shard.journal", {"job": 1}),
+        ) == {"written": len(ids), "skipped": 0}
     assert len(calls) == 2 * len(ids) - 1
 
     cm = evaluate_masks(ds, ids, out)
@@ -277,10 +292,14 @@ def test_crf_masks_shard_threshold_mode_and_workers(cam_setup, tmp_path):
     ds, ids, path = cam_setup
     with CamStore(path) as store:
         crf_masks_shard(ds, store, ids[:3], tmp_path / "a", {"mode": "threshold", "bg_threshold": 0.5}, progress=False)
-        crf_masks_shard(ds, store, ids[:3], tmp_path / "b", {"mode": "threshold", "bg_threshold": 0.5}, progress=False, workers=2)
+        crf_masks_shard(
+            ds, store, ids[:3], tmp_path / "b", {"mode": "threshold", "bg_threshold": 0.5}, progress=False, workers=2
+        )
         rec = store[ids[0]]
     for i in ids[:3]:
-        np.testing.assert_array_equal(read_label_png(tmp_path / "a" / f"{i}.png"), read_label_png(tmp_path / "b" / f"{i}.png"))
+        np.testing.assert_array_equal(
+            read_label_png(tmp_path / "a" / f"{i}.png"), read_label_png(tmp_path / "b" / f"{i}.png")
+        )
     expect = crf_seed_threshold(ds.load_image(ids[0]), rec.high_res, rec.keys, 0.5)
     np.testing.assert_array_equal(read_label_png(tmp_path / "a" / f"{ids[0]}.png"), expect)
 

@@ -70,8 +70,7 @@ def test_no_citations_of_notes_outside_the_repository():
             for m in FORBIDDEN.finditer(line):
                 hits.append(f"{path.relative_to(ROOT).as_posix()}:{no}: {m.group(0)!r}: {line.strip()}")
     assert not hits, (
-        "cite the repository's docs/ pages or the paper and official code by name instead of:\n"
-        + "\n".join(hits)
+        "cite the repository's docs/ pages or the paper and official code by name instead of:\n" + "\n".join(hits)
     )
 
 

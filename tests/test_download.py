@@ -373,8 +373,12 @@ def test_extract_zip_skips_macosx_and_merges_into_existing_tree(tmp_path):
     voc = safe_extract(make_tar(tmp_path / "voc.tar", VOC_MEMBERS), tmp_path / "voc12", marker_name=".voc.complete")
     root = tmp_path / "voc12" / "VOCdevkit" / "VOC2012"
     (root / "user_notes.txt").write_text("keep me")
-    sbd = safe_extract(make_zip(tmp_path / "sbd.zip", SBD_MEMBERS), root,
-                       members_prefix="SegmentationClassAug", marker_name=".sbd.complete")
+    sbd = safe_extract(
+        make_zip(tmp_path / "sbd.zip", SBD_MEMBERS),
+        root,
+        members_prefix="SegmentationClassAug",
+        marker_name=".sbd.complete",
+    )
     assert (root / "SegmentationClassAug" / "2007_000039.png").read_bytes() == b"aug-label-2"
     assert not (root / "__MACOSX").exists()
     assert (root / "user_notes.txt").read_text() == "keep me"
@@ -432,11 +436,14 @@ def test_unsafe_tar_member_refused_nothing_left(tmp_path, kind, member, reason):
     assert not (tmp_path / "evil").exists()
 
 
-@pytest.mark.parametrize("member,reason", [
-    (("../evil", b"x"), "'..'"),
-    (("/abs_evil", b"x"), "absolute"),
-    (("data/link", b"/etc/passwd", stat.S_IFLNK | 0o777), "symlink"),
-])
+@pytest.mark.parametrize(
+    "member,reason",
+    [
+        (("../evil", b"x"), "'..'"),
+        (("/abs_evil", b"x"), "absolute"),
+        (("data/link", b"/etc/passwd", stat.S_IFLNK | 0o777), "symlink"),
+    ],
+)
 def test_unsafe_zip_member_refused_nothing_left(tmp_path, member, reason):
     arc = make_zip(tmp_path / "bad.zip", [("data/ok.txt", b"ok"), member])
     out = tmp_path / "sandbox" / "out"
@@ -526,8 +533,11 @@ def test_prepare_end_to_end(server, tmp_path):
 
 def test_prepare_coco_layout_with_file_urls(tmp_path):
     data = tmp_path / "data"
-    for name, top in [("coco2014_train", "train2014"), ("coco2014_val", "val2014"),
-                      ("coco2014_annotations", "annotations")]:
+    for name, top in [
+        ("coco2014_train", "train2014"),
+        ("coco2014_val", "val2014"),
+        ("coco2014_annotations", "annotations"),
+    ]:
         arc = make_zip(tmp_path / f"{top}.zip", [(f"{top}/", None), (f"{top}/f.bin", top.encode())])
         raw = arc.read_bytes()
         prepare(name, data, url=arc.as_uri(), size=len(raw), md5=md5(raw), progress=False)
@@ -536,8 +546,9 @@ def test_prepare_coco_layout_with_file_urls(tmp_path):
 
 
 def test_cli_error_exit_code_and_message(refused_url, tmp_path, capsys):
-    rc = dl.main(["voc2012_trainval", "--data-dir", str(tmp_path), "--url", refused_url,
-                  "--timeout", "5", "--no-progress"])
+    rc = dl.main(
+        ["voc2012_trainval", "--data-dir", str(tmp_path), "--url", refused_url, "--timeout", "5", "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: ") and "offline" in err and refused_url in err
     assert str(tmp_path / "downloads" / "VOCtrainval_11-May-2012.tar") in err
@@ -549,8 +560,18 @@ def test_cli_subprocess(server, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
     def cli(data_dir, *extra):
-        cmd = [sys.executable, "-m", "wsss.data.download", "sbd_aug", "--data-dir", str(data_dir),
-               "--url", server.url + "/sbd.zip", "--no-progress", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "wsss.data.download",
+            "sbd_aug",
+            "--data-dir",
+            str(data_dir),
+            "--url",
+            server.url + "/sbd.zip",
+            "--no-progress",
+            *extra,
+        ]
         return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
     ok = cli(tmp_path / "d")

@@ -80,11 +80,21 @@ def test_resume_equals_uninterrupted(tmp_path):
     train(full, RandomSet(), CFG, tmp_path / "a" / "model.pt", tmp_path / "a", resolved_config=RESOLVED, progress=False)
 
     part = make_method()
-    ckpt = train(part, RandomSet(), CFG, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=RESOLVED,
-                 stop_after_epochs=1, progress=False)
+    ckpt = train(
+        part,
+        RandomSet(),
+        CFG,
+        tmp_path / "b" / "model.pt",
+        tmp_path / "b",
+        resolved_config=RESOLVED,
+        stop_after_epochs=1,
+        progress=False,
+    )
     assert ckpt.name == "last.pt" and not (tmp_path / "b" / "model.pt").exists()
     resumed = make_method(seed=99)  # a fresh process would start from different random weights
-    train(resumed, RandomSet(), CFG, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=RESOLVED, progress=False)
+    train(
+        resumed, RandomSet(), CFG, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=RESOLVED, progress=False
+    )
 
     a = load_model_state(tmp_path / "a" / "model.pt")
     b = load_model_state(tmp_path / "b" / "model.pt")
@@ -103,9 +113,26 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_checkpoint_of_other_config_is_refused(tmp_path):
     m = make_method()
-    train(m, RandomSet(), CFG, tmp_path / "model.pt", tmp_path, resolved_config=RESOLVED, stop_after_epochs=1, progress=False)
+    train(
+        m,
+        RandomSet(),
+        CFG,
+        tmp_path / "model.pt",
+        tmp_path,
+        resolved_config=RESOLVED,
+        stop_after_epochs=1,
+        progress=False,
+    )
     with pytest.raises(RuntimeError, match="another config"):
-        train(make_method(), RandomSet(), CFG, tmp_path / "model.pt", tmp_path, resolved_config={"other": 1}, progress=False)
+        train(
+            make_method(),
+            RandomSet(),
+            CFG,
+            tmp_path / "model.pt",
+            tmp_path,
+            resolved_config={"other": 1},
+            progress=False,
+        )
 
 
 def test_training_reduces_loss(tmp_path):

@@ -220,16 +220,28 @@ def probe_env(env: Path) -> dict:
     """Run every rule script of ``env`` (imports only) under that env's import blocker."""
     scripts = {r.name: str(r.script) for r in ALL_RULES if r.env == env}
     args = {"env": str(env.relative_to(ROOT)), "blocked": blocked_modules(env), "scripts": scripts}
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(args)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_rules_are_found():
     names = {r.name for r in ALL_RULES}
-    assert {"seed_eval", "crf_shard", "eval_masks", "ir_labels_shard", "seed_masks_shard", "eval_deeplab",
-            "mask_gallery", "summary_table", "cam_shard", "train_classifier", "download"} <= names
+    assert {
+        "seed_eval",
+        "crf_shard",
+        "eval_masks",
+        "ir_labels_shard",
+        "seed_masks_shard",
+        "eval_deeplab",
+        "mask_gallery",
+        "summary_table",
+        "cam_shard",
+        "train_classifier",
+        "download",
+    } <= names
     assert {r.env.name for r in ALL_RULES} == {"data.yaml", "crf.yaml", "torch.yaml"}
     assert all(r.script.is_file() for r in ALL_RULES)
     conda = sum(len(re.findall(r"^\s*conda:", f.read_text(), re.M)) for f in RULES.glob("*.smk"))
@@ -263,8 +275,9 @@ def test_blocker_refuses_what_an_env_lacks():
     assert "torch" not in blocked_modules(torch_env)
     code = _PROBE.split("\n\ndef import_from")[0] + "\nimport torch\n"
     args = {"env": "envs/data.yaml", "blocked": blocked_modules(data), "scripts": {}}
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode != 0 and "No module named 'torch'" in proc.stderr
 
 
@@ -273,7 +286,7 @@ def test_blocker_refuses_what_an_env_lacks():
 
 #: Hides torch from the process it runs in (imports raise ModuleNotFoundError) and lists, at exit,
 #: the modules that asked for it.
-_NO_TORCH = r'''
+_NO_TORCH = r"""
 import atexit, importlib.machinery, sys
 
 ASKED = []
@@ -290,7 +303,7 @@ class NoTorch(importlib.machinery.PathFinder):
 
 sys.meta_path[:] = [NoTorch if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 atexit.register(lambda: print("torch asked for:", sorted(set(ASKED)), file=sys.stderr))
-'''
+"""
 
 
 def smk_imports() -> List[str]:
@@ -307,14 +320,18 @@ def test_snakefile_imports_no_torch():
     (``extra_checks=False``; the rest runs in a child, :mod:`wsss.workflow.config_check`)."""
     imports = smk_imports()
     assert any("wsss" in i for i in imports), imports
-    code = "\n".join([
-        "import sys", f"sys.path.insert(0, {str(ROOT)!r})", *imports,
-        "import yaml",
-        "from wsss.config import run_config, run_names, validate_config",
-        f"cfg = validate_config(yaml.safe_load(open({str(ROOT / 'config.yaml')!r})), extra_checks=False)",
-        "runs = {r: run_config(cfg, r, extra_checks=False) for r in run_names(cfg)}",
-        "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('torch', 'torchvision')))",
-    ])
+    code = "\n".join(
+        [
+            "import sys",
+            f"sys.path.insert(0, {str(ROOT)!r})",
+            *imports,
+            "import yaml",
+            "from wsss.config import run_config, run_names, validate_config",
+            f"cfg = validate_config(yaml.safe_load(open({str(ROOT / 'config.yaml')!r})), extra_checks=False)",
+            "runs = {r: run_config(cfg, r, extra_checks=False) for r in run_names(cfg)}",
+            "print(sorted(m for m in sys.modules if m.partition('.')[0] in ('torch', 'torchvision')))",
+        ]
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", f"the Snakefile side imports torch: {proc.stdout[-2000:]}"

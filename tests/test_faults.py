@@ -79,16 +79,27 @@ def test_unlabelled_images_are_skipped_by_every_stage_on_coco(tmp_path):
     from wsss.engine import save_model
     from wsss.io import DataError
     from wsss.methods import build_classifier
-    from wsss.pipeline import (cam_ids, crf_shard, evaluate_mask_shards, evaluate_seeds, infer_cam_shard, ir_labels_shard,
-                               seed_masks_shard)
+    from wsss.pipeline import (
+        cam_ids,
+        crf_shard,
+        evaluate_mask_shards,
+        evaluate_seeds,
+        infer_cam_shard,
+        ir_labels_shard,
+        seed_masks_shard,
+    )
     from wsss.workflow.markers import read_shard_markers_full
 
     root = write_mini_coco(tmp_path / "coco")
     prepare_coco_dataset(root, crowd="background", progress=False)
 
     def config(on_unlabelled):
-        raw = {"dataset": {"name": "coco14", "root": str(root), "train_split": "train", "eval_split": "val"},
-               "classifier": {"on_unlabelled": on_unlabelled}, "cam": {"scales": [1.0]}, "seed_eval": {"gallery_images": 1}}
+        raw = {
+            "dataset": {"name": "coco14", "root": str(root), "train_split": "train", "eval_split": "val"},
+            "classifier": {"on_unlabelled": on_unlabelled},
+            "cam": {"scales": [1.0]},
+            "seed_eval": {"gallery_images": 1},
+        }
         return run_config(validate_config(raw), "baseline/s0")
 
     cfg = config("skip")
@@ -107,7 +118,9 @@ def test_unlabelled_images_are_skipped_by_every_stage_on_coco(tmp_path):
     infer_cam_shard(cfg, str(model), str(labels_csv), str(cam), 0, 1, progress=False)
     with CamStore([cam]) as store:
         assert sorted(store.ids()) == ["42", "9"] and store.skipped == {"25", "30"}
-    evaluate_seeds(cfg, [str(cam)], str(tmp_path / "seeds" / "sweep.csv"), str(tmp_path / "seeds" / "g.png"), progress=False)
+    evaluate_seeds(
+        cfg, [str(cam)], str(tmp_path / "seeds" / "sweep.csv"), str(tmp_path / "seeds" / "g.png"), progress=False
+    )
     assert len(pd.read_csv(tmp_path / "seeds" / "sweep.csv")) > 0
     crf_marker = tmp_path / "crf" / "shard-1-of-1.json"
     crf_shard(cfg, [str(cam)], str(crf_marker), 0, 1, progress=False)
@@ -119,5 +132,7 @@ def test_unlabelled_images_are_skipped_by_every_stage_on_coco(tmp_path):
         mask_dir, written, skipped = read_shard_markers_full([marker])
         assert sorted(written) == ["42", "9"] and skipped == {"25", "30"}, marker
         assert sorted(p.stem for p in mask_dir.glob("*.png")) == ["42", "9"]
-        row = evaluate_mask_shards(cfg, [str(marker)], str(marker.parent / "m.csv"), str(marker.parent / "pc.csv"), kind="crf")
+        row = evaluate_mask_shards(
+            cfg, [str(marker)], str(marker.parent / "m.csv"), str(marker.parent / "pc.csv"), kind="crf"
+        )
         assert 0 <= row["miou"] <= 1

@@ -24,8 +24,8 @@ import pytest
 import torch
 from PIL import Image
 
-from wsss.cams import FORMAT_VERSION, CamShardWriter, CamStore, config_hash, merge_shards
 from wsss import io as wsss_io
+from wsss.cams import FORMAT_VERSION, CamShardWriter, CamStore, config_hash, merge_shards
 from wsss.io import DataError, atomic_path, read_image
 
 # ----------------------------------------------------------------------------------------------
@@ -228,10 +228,16 @@ def write_v1_shard(path, images, shard_index=0, num_shards=1):
     """A shard exactly as format version 1 wrote it: no checksums, no num_classes attr."""
     with h5py.File(path, "w") as f:
         attrs = {
-            "format_version": 1, "package_version": "0.0-v1", "config_hash": config_hash(CONFIG),
-            "config_json": '{"cam": {"scales": [1.0]}, "seed": 0}', "scales": np.array([1.0]),
-            "normalisation": "max", "shard_index": shard_index, "num_shards": num_shards,
-            "num_images": len(images), "complete": True,
+            "format_version": 1,
+            "package_version": "0.0-v1",
+            "config_hash": config_hash(CONFIG),
+            "config_json": '{"cam": {"scales": [1.0]}, "seed": 0}',
+            "scales": np.array([1.0]),
+            "normalisation": "max",
+            "shard_index": shard_index,
+            "num_shards": num_shards,
+            "num_images": len(images),
+            "complete": True,
         }
         for k, v in attrs.items():
             f.attrs[k] = v
@@ -242,7 +248,9 @@ def write_v1_shard(path, images, shard_index=0, num_shards=1):
             for name, arr in (("cam", cam), ("high_res", high)):
                 arr = arr.astype(np.float16)
                 if arr.size:
-                    g.create_dataset(name, data=arr, chunks=arr.shape, compression="gzip", compression_opts=4, shuffle=True)
+                    g.create_dataset(
+                        name, data=arr, chunks=arr.shape, compression="gzip", compression_opts=4, shuffle=True
+                    )
                 else:
                     g.create_dataset(name, shape=arr.shape, dtype=np.float16)
     return path
@@ -320,7 +328,9 @@ def test_full_disk_oserror_from_a_real_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine.torch, "save", save_to_full_disk)
     path = tmp_path / "model.pt"
-    with pytest.raises(OSError, match=rf"could not write checkpoint {path}: no space left on device \(.* free in ") as info:
+    with pytest.raises(
+        OSError, match=rf"could not write checkpoint {path}: no space left on device \(.* free in "
+    ) as info:
         engine.save_checkpoint(path, **_small_state())
     assert info.value.errno == errno.ENOSPC
     assert list(tmp_path.iterdir()) == []
@@ -409,7 +419,17 @@ def test_infer_cams_records_the_class_count(tiny_cfg, tmp_path):
     torch.manual_seed(0)
     bb = build_backbone("resnet18", pretrained="none", freeze_bn=False, trainable_from=None)
     method = build_method("cam", num_classes=ds.num_fg_classes, backbone=bb).eval()
-    path = infer_cams(method, ds, ids, labels, tmp_path / "s.h5", scales=[1.0], flip=False, normalisation="max",
-                      resolved_config={"x": 1}, progress=False)
+    path = infer_cams(
+        method,
+        ds,
+        ids,
+        labels,
+        tmp_path / "s.h5",
+        scales=[1.0],
+        flip=False,
+        normalisation="max",
+        resolved_config={"x": 1},
+        progress=False,
+    )
     with CamStore(path) as store:
         assert store.num_classes == ds.num_fg_classes

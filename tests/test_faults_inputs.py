@@ -33,8 +33,11 @@ def _labels(tmp_path, body, header=HEADER):
 
 def test_valid_labels_are_unchanged_float32(tmp_path):
     ids = ["007", "2008_000123", "x"]
-    labels = {"007": np.array([1, 0, 1], np.float32), "2008_000123": np.array([0, 0, 0], np.float32),
-              "x": np.array([1, 1, 1], np.float32)}
+    labels = {
+        "007": np.array([1, 0, 1], np.float32),
+        "2008_000123": np.array([0, 0, 0], np.float32),
+        "x": np.array([1, 1, 1], np.float32),
+    }
     write_labels_csv(tmp_path / "labels.csv", ids, labels, CLASSES)
     got = read_labels_csv(tmp_path / "labels.csv", CLASSES)
     assert list(got) == ids  # file order, ids kept as strings ("007" stays "007")
@@ -46,7 +49,10 @@ def test_valid_labels_are_unchanged_float32(tmp_path):
     assert got["a"].tobytes() == np.array([1, 0, 1], np.float32).tobytes()
     assert got["b"].tobytes() == np.array([0, 1, 0], np.float32).tobytes()
     # "-0" is 0.0, not -0.0
-    assert read_labels_csv(_labels(tmp_path, "a,-0,-0.0,1\n"), CLASSES)["a"].tobytes() == np.array([0, 0, 1], np.float32).tobytes()
+    assert (
+        read_labels_csv(_labels(tmp_path, "a,-0,-0.0,1\n"), CLASSES)["a"].tobytes()
+        == np.array([0, 0, 1], np.float32).tobytes()
+    )
     # no final newline: still fine for a label file (every value is whole)
     assert read_labels_csv(_labels(tmp_path, "a,1,0,1"), CLASSES)["a"].tolist() == [1, 0, 1]
 
@@ -103,7 +109,9 @@ def test_coco_split_labels_go_through_the_checked_reader(tmp_path):
     (root / "lists").mkdir(parents=True)
     (root / "lists" / "val.txt").write_text("42\n")
     fg = COCO_CLASSES[1:]
-    (root / "lists" / "val_labels.csv").write_text("image_id," + ",".join(fg) + "\n42," + ",".join(["0"] * (len(fg) - 1) + ["3"]) + "\n")
+    (root / "lists" / "val_labels.csv").write_text(
+        "image_id," + ",".join(fg) + "\n42," + ",".join(["0"] * (len(fg) - 1) + ["3"]) + "\n"
+    )
     ds = COCODataset(root)
     with pytest.raises(DataError, match=r"val_labels.csv, line 2 \(image 42\), column '" + fg[-1] + "'"):
         ds.labels("42")
@@ -199,7 +207,9 @@ def _cut_last_row(path, keep_fields):
     path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("rel", ["crf/metrics.csv", "irn/ir_labels/metrics.csv", "irn/masks/metrics.csv", "deeplab/metrics.csv"])
+@pytest.mark.parametrize(
+    "rel", ["crf/metrics.csv", "irn/ir_labels/metrics.csv", "irn/masks/metrics.csv", "deeplab/metrics.csv"]
+)
 def test_cut_metrics_file_is_loud(tmp_path, rel):
     d = _run(tmp_path)
     f = d / rel

@@ -149,8 +149,10 @@ def find_cycles(graph: Dict[str, Set[str]]) -> List[Tuple[List[str], List[str]]]
 
 
 def _format(cycles: List[Tuple[List[str], List[str]]]) -> str:
-    return "\n".join(" -> ".join(cycle) + (f" (component: {', '.join(comp)})" if len(comp) > len(cycle) - 1 else "")
-                     for cycle, comp in cycles)
+    return "\n".join(
+        " -> ".join(cycle) + (f" (component: {', '.join(comp)})" if len(comp) > len(cycle) - 1 else "")
+        for cycle, comp in cycles
+    )
 
 
 def test_module_level_imports_have_no_cycle():
@@ -192,15 +194,22 @@ def private_imports() -> List[str]:
                 elif _private(a.name) and target != module:
                     problems.append(f"{rel}:{node.lineno}: imports {a.name} from {target}")
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and _private(node.attr) and isinstance(node.value, ast.Name)
-                    and node.value.id in aliases and aliases[node.value.id] != module):
+            if (
+                isinstance(node, ast.Attribute)
+                and _private(node.attr)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and aliases[node.value.id] != module
+            ):
                 problems.append(f"{rel}:{node.lineno}: uses {aliases[node.value.id]}.{node.attr}")
     return sorted(problems)
 
 
 def test_no_module_imports_private_helpers_of_another():
     problems = private_imports()
-    assert not problems, "private helpers used across modules (make them public where they belong):\n" + "\n".join(problems)
+    assert not problems, "private helpers used across modules (make them public where they belong):\n" + "\n".join(
+        problems
+    )
 
 
 def test_graph_helpers_find_a_cycle_and_a_private_import():
@@ -231,8 +240,11 @@ def test_every_module_imports_first():
     is dropped from ``sys.modules`` before each, third-party packages stay loaded). ``__main__``
     modules are left out: importing one runs the command line."""
     names = sorted(m for m in MODULES if not m.endswith(".__main__"))
-    proc = subprocess.run([sys.executable, "-c", _IMPORT_EACH, json.dumps(names)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=280)
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, json.dumps(names)], cwd=ROOT, capture_output=True, text=True, timeout=280
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     failed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert not failed, "modules that fail to import on their own:\n" + "\n".join(f"{k}:\n{v}" for k, v in failed.items())
+    assert not failed, "modules that fail to import on their own:\n" + "\n".join(
+        f"{k}:\n{v}" for k, v in failed.items()
+    )

@@ -14,11 +14,10 @@ import importlib.metadata as md
 import json
 import subprocess
 import sys
-import sysconfig
-import tomllib
 from pathlib import Path
 from typing import Dict, Iterable, List, Set
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 

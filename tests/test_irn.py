@@ -247,8 +247,13 @@ def test_losses_are_weighted_as_reference_and_only_branches_get_gradients():
 def test_resnet50_branch_shapes_and_channels():
     m = IRNMethod("resnet50", pretrained="none")
     assert m.edge6.in_channels == 160 and m.edge6.bias is not None
-    assert [m.dp1[0].in_channels, m.dp2[0].in_channels, m.dp3[0].in_channels, m.dp4[0].in_channels,
-            m.dp5[0].in_channels] == [64, 256, 512, 1024, 2048]
+    assert [
+        m.dp1[0].in_channels,
+        m.dp2[0].in_channels,
+        m.dp3[0].in_channels,
+        m.dp4[0].in_channels,
+        m.dp5[0].in_channels,
+    ] == [64, 256, 512, 1024, 2048]
     assert m.dp1[1].num_groups == 8 and m.dp2[1].num_groups == 16 and m.edge1[1].num_groups == 4
     assert m.dp7[0][0].in_channels == 448 and m.dp7[1].out_channels == 2 and m.dp7[1].bias is None
     edge, disp = m(torch.zeros(1, 3, 72, 88))
@@ -301,8 +306,9 @@ def test_walk_one_step_and_stencil_is_column_stochastic():
     torch.testing.assert_close(self_w + weights.sum(0), torch.ones(9, 11, dtype=torch.float64))
     cam = torch.rand(3, 9, 11, generator=g)
     for k in (0, 1, 2):
-        torch.testing.assert_close(random_walk_sparse(cam, edge, 5, 10, k), random_walk_dense(cam, edge, 5, 10, k),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            random_walk_sparse(cam, edge, 5, 10, k), random_walk_dense(cam, edge, 5, 10, k), rtol=1e-5, atol=1e-6
+        )
     # no boundary at all: a constant map stays constant (T is an average)
     flat = random_walk_sparse(torch.ones(1, 9, 11), torch.zeros(9, 11), 5, 10, 3)
     torch.testing.assert_close(flat, torch.ones(1, 9, 11))
@@ -415,27 +421,64 @@ def test_ir_label_params_validation():
         IRNTrainParams.from_mapping({"rescale": [1.2, 0.7]})
     # no defaults of their own: every value comes from the schema (wsss.config.section_defaults)
     for cls, key in ((IRLabelParams, "irn.ir_label"), (IRNTrainParams, "irn.train"), (IRNInferParams, "irn.infer")):
-        assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in dataclasses.fields(cls))
+        assert all(
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            for f in dataclasses.fields(cls)
+        )
         d = dataclasses.asdict(cls.from_mapping(None))
         assert {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()} == section_defaults(key)
-
 
 
 #: Effective irn values of the default config (the schema's defaults); unchanged when the defaults
 #: moved from the dataclasses into the schema (outputs must stay byte for byte the same).
 IRN_DEFAULTS = {
     "irn.ir_label": {"fg_thresh": 0.3, "bg_thresh": 0.05, "crf": {}},
-    "irn.train": {"backbone": "resnet18", "pretrained": "classifier", "crop_size": 128, "rescale": [0.5, 1.5], "hflip": True,
-                  "radius": 10, "batch_size": 8, "epochs": 3, "lr": 0.1, "edge_lr_mult": 1.0, "dp_lr_mult": 10.0,
-                  "weight_decay": 1e-4, "momentum_mode": "reference", "momentum": 0.9, "poly_power": 0.9, "amp": True, "seed": 0,
-                  "affinity_weight": 0.5, "displacement_weight": 0.5, "mean_shift_crop_size": 192, "mean_shift_batch_size": 8},
-    "irn.infer": {"radius": 5, "beta": 10.0, "exp_times": 8, "bg_thresh": 0.25, "pad_to": 0, "walk": "sparse", "confidence_ratio": 0.5},
+    "irn.train": {
+        "backbone": "resnet18",
+        "pretrained": "classifier",
+        "crop_size": 128,
+        "rescale": [0.5, 1.5],
+        "hflip": True,
+        "radius": 10,
+        "batch_size": 8,
+        "epochs": 3,
+        "lr": 0.1,
+        "edge_lr_mult": 1.0,
+        "dp_lr_mult": 10.0,
+        "weight_decay": 1e-4,
+        "momentum_mode": "reference",
+        "momentum": 0.9,
+        "poly_power": 0.9,
+        "amp": True,
+        "seed": 0,
+        "affinity_weight": 0.5,
+        "displacement_weight": 0.5,
+        "mean_shift_crop_size": 192,
+        "mean_shift_batch_size": 8,
+    },
+    "irn.infer": {
+        "radius": 5,
+        "beta": 10.0,
+        "exp_times": 8,
+        "bg_thresh": 0.25,
+        "pad_to": 0,
+        "walk": "sparse",
+        "confidence_ratio": 0.5,
+    },
 }
 #: IRN's reference values (configs/irn_reference.yaml): the defaults but for the CPU-size keys.
 IRN_REFERENCE = {
-    "irn.ir_label": {"crf": {"t": 10, "gt_prob": 0.7, "gauss_sxy": 3, "gauss_compat": 3, "bi_sxy": 50, "bi_srgb": 5, "bi_compat": 10}},
-    "irn.train": {"backbone": "resnet50", "pretrained": "imagenet", "crop_size": 512, "batch_size": 32, "mean_shift_crop_size": 512,
-                  "mean_shift_batch_size": 32},
+    "irn.ir_label": {
+        "crf": {"t": 10, "gt_prob": 0.7, "gauss_sxy": 3, "gauss_compat": 3, "bi_sxy": 50, "bi_srgb": 5, "bi_compat": 10}
+    },
+    "irn.train": {
+        "backbone": "resnet50",
+        "pretrained": "imagenet",
+        "crop_size": 512,
+        "batch_size": 32,
+        "mean_shift_crop_size": 512,
+        "mean_shift_batch_size": 32,
+    },
     "irn.infer": {"pad_to": 512},
 }
 
@@ -456,6 +499,7 @@ def test_irn_defaults_and_reference_recipe():
     raw = yaml.safe_load((root / "configs" / "irn_reference.yaml").read_text())["irn"]
     assert all(set(raw[k.split(".")[1]]) == set(v) for k, v in IRN_DEFAULTS.items())  # the recipe names every key
 
+
 def _cam_store(tmp_path, images, keys_of, seed=0):
     rng = np.random.default_rng(seed)
     path = tmp_path / "cams.h5"
@@ -463,8 +507,12 @@ def _cam_store(tmp_path, images, keys_of, seed=0):
         for i, img in images.items():
             h, wd = img.shape[:2]
             k = len(keys_of[i])
-            w.add(i, np.asarray(keys_of[i], np.int64), rng.random((k, -(-h // 4), -(-wd // 4))).astype(np.float32),
-                  rng.random((k, h, wd)).astype(np.float32))
+            w.add(
+                i,
+                np.asarray(keys_of[i], np.int64),
+                rng.random((k, -(-h // 4), -(-wd // 4))).astype(np.float32),
+                rng.random((k, h, wd)).astype(np.float32),
+            )
     return CamStore(path)
 
 
@@ -481,8 +529,16 @@ def test_make_ir_labels_writes_and_resumes(tmp_path):
     from wsss.workflow.journal import ShardJournal
 
     out = tmp_path / "ir"
-    assert make_ir_labels(FakeDS(images), store, list(images), out, {"fg_thresh": 0.5, "bg_thresh": 0.2},
-                          crf_fn=counting, progress=False, journal=ShardJournal(tmp_path / "j", {"a": 1})) == {"written": 3, "skipped": 0}
+    assert make_ir_labels(
+        FakeDS(images),
+        store,
+        list(images),
+        out,
+        {"fg_thresh": 0.5, "bg_thresh": 0.2},
+        crf_fn=counting,
+        progress=False,
+        journal=ShardJournal(tmp_path / "j", {"a": 1}),
+    ) == {"written": 3, "skipped": 0}
     assert sorted(calls) == [2, 2, 3, 3]  # two CRFs per labelled image, none for the unlabelled one
     for i in images:
         lab = read_label_png(out / f"{i}.png")
@@ -497,15 +553,32 @@ def test_make_ir_labels_writes_and_resumes(tmp_path):
     # the job was interrupted (journal not finished) and im0's PNG lost: only im0 is redone
     (out / "im0.png").unlink()
     calls.clear()
-    assert make_ir_labels(FakeDS(images), store, list(images), out, {"fg_thresh": 0.5, "bg_thresh": 0.2},
-                          crf_fn=counting, progress=False, journal=ShardJournal(tmp_path / "j", {"a": 1})) == {"written": 1, "skipped": 2}
+    assert make_ir_labels(
+        FakeDS(images),
+        store,
+        list(images),
+        out,
+        {"fg_thresh": 0.5, "bg_thresh": 0.2},
+        crf_fn=counting,
+        progress=False,
+        journal=ShardJournal(tmp_path / "j", {"a": 1}),
+    ) == {"written": 1, "skipped": 2}
     assert calls == [2, 2]
     # another job identity (new inputs) or no journal: everything is redone
     calls.clear()
-    assert make_ir_labels(FakeDS(images), store, list(images), out, {"fg_thresh": 0.5, "bg_thresh": 0.2},
-                          crf_fn=counting, progress=False, journal=ShardJournal(tmp_path / "j", {"a": 2})) == {"written": 3, "skipped": 0}
-    assert make_ir_labels(FakeDS(images), store, list(images), out, {"fg_thresh": 0.5, "bg_thresh": 0.2},
-                          crf_fn=counting, progress=False) == {"written": 3, "skipped": 0}
+    assert make_ir_labels(
+        FakeDS(images),
+        store,
+        list(images),
+        out,
+        {"fg_thresh": 0.5, "bg_thresh": 0.2},
+        crf_fn=counting,
+        progress=False,
+        journal=ShardJournal(tmp_path / "j", {"a": 2}),
+    ) == {"written": 3, "skipped": 0}
+    assert make_ir_labels(
+        FakeDS(images), store, list(images), out, {"fg_thresh": 0.5, "bg_thresh": 0.2}, crf_fn=counting, progress=False
+    ) == {"written": 3, "skipped": 0}
     assert not list(out.glob(".tmp-*"))
     with pytest.raises(KeyError, match="no CAM"):
         make_ir_labels(FakeDS(images), store, ["nope"], out, None, crf_fn=counting, progress=False)
@@ -563,8 +636,17 @@ def test_train_set_label_size_mismatch(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 TRAIN_PARAMS = {
-    "backbone": "resnet18", "pretrained": "none", "crop_size": 96, "radius": 10, "batch_size": 2, "epochs": 2,
-    "lr": 0.01, "amp": False, "seed": 5, "mean_shift_crop_size": 64, "mean_shift_batch_size": 32,
+    "backbone": "resnet18",
+    "pretrained": "none",
+    "crop_size": 96,
+    "radius": 10,
+    "batch_size": 2,
+    "epochs": 2,
+    "lr": 0.01,
+    "amp": False,
+    "seed": 5,
+    "mean_shift_crop_size": 64,
+    "mean_shift_batch_size": 32,
 }
 
 
@@ -584,13 +666,41 @@ def test_train_irn_with_engine_and_resume(tmp_path):
     ds = FakeDS(images)
     labels = _ir_labels_on_disk(tmp_path, images)
     ids = list(images)
-    full = train_irn(ds, ids, labels, tmp_path / "a" / "irn.pt", tmp_path / "a", TRAIN_PARAMS, infer_ids=ids[:3],
-                     device=torch.device("cpu"), progress=False)
-    ck = train_irn(ds, ids, labels, tmp_path / "b" / "irn.pt", tmp_path / "b", TRAIN_PARAMS, infer_ids=ids[:3],
-                   device=torch.device("cpu"), progress=False, stop_after_epochs=1)
+    full = train_irn(
+        ds,
+        ids,
+        labels,
+        tmp_path / "a" / "irn.pt",
+        tmp_path / "a",
+        TRAIN_PARAMS,
+        infer_ids=ids[:3],
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    ck = train_irn(
+        ds,
+        ids,
+        labels,
+        tmp_path / "b" / "irn.pt",
+        tmp_path / "b",
+        TRAIN_PARAMS,
+        infer_ids=ids[:3],
+        device=torch.device("cpu"),
+        progress=False,
+        stop_after_epochs=1,
+    )
     assert ck.name == "last.pt" and not (tmp_path / "b" / "irn.pt").exists()
-    resumed = train_irn(ds, ids, labels, tmp_path / "b" / "irn.pt", tmp_path / "b", TRAIN_PARAMS, infer_ids=ids[:3],
-                        device=torch.device("cpu"), progress=False)
+    resumed = train_irn(
+        ds,
+        ids,
+        labels,
+        tmp_path / "b" / "irn.pt",
+        tmp_path / "b",
+        TRAIN_PARAMS,
+        infer_ids=ids[:3],
+        device=torch.device("cpu"),
+        progress=False,
+    )
     a, b = load_irn(full, torch.device("cpu")), load_irn(resumed, torch.device("cpu"))
     sa, sb = a.state_dict(), b.state_dict()
     for k in sa:
@@ -601,7 +711,9 @@ def test_train_irn_with_engine_and_resume(tmp_path):
     with open(tmp_path / "b" / "train_log.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]
-    assert {"loss_pos", "loss_neg", "loss_dp_fg", "loss_dp_bg", "loss_total", "lr_edge", "lr_displacement"} <= set(rows[0])
+    assert {"loss_pos", "loss_neg", "loss_dp_fg", "loss_dp_bg", "loss_total", "lr_edge", "lr_displacement"} <= set(
+        rows[0]
+    )
     assert float(rows[0]["lr_displacement"]) == pytest.approx(10 * float(rows[0]["lr_edge"]))
     for r in rows:
         parts = sum(float(r[f"loss_{k}"]) for k in ("pos", "neg", "dp_fg", "dp_bg"))
@@ -663,8 +775,18 @@ def test_pseudo_label_and_make_irn_masks(tmp_path):
     out, conf = tmp_path / "sem", tmp_path / "conf"
     from wsss.workflow.journal import ShardJournal
 
-    res = make_irn_masks(FakeDS(images), store, list(images), model, out, params, conf_dir=conf,
-                         device=torch.device("cpu"), progress=False, journal=ShardJournal(tmp_path / "j", {"a": 1}))
+    res = make_irn_masks(
+        FakeDS(images),
+        store,
+        list(images),
+        model,
+        out,
+        params,
+        conf_dir=conf,
+        device=torch.device("cpu"),
+        progress=False,
+        journal=ShardJournal(tmp_path / "j", {"a": 1}),
+    )
     assert res == {"written": 3, "skipped": 0}
     loaded = load_irn(model, torch.device("cpu"))
     for i, img in images.items():
@@ -684,11 +806,29 @@ def test_pseudo_label_and_make_irn_masks(tmp_path):
     ld, _ = irn_pseudo_label(loaded, images["im1"], rec.cam, rec.keys, {**params, "walk": "dense"}, torch.device("cpu"))
     assert np.array_equal(ls, ld)
     (conf / "im0.png").unlink()
-    assert make_irn_masks(FakeDS(images), store, list(images), model, out, params, conf_dir=conf,
-                          device=torch.device("cpu"), progress=False,
-                          journal=ShardJournal(tmp_path / "j", {"a": 1})) == {"written": 1, "skipped": 2}
-    assert make_irn_masks(FakeDS(images), store, list(images), model, out, params, conf_dir=conf,
-                          device=torch.device("cpu"), progress=False) == {"written": 3, "skipped": 0}
+    assert make_irn_masks(
+        FakeDS(images),
+        store,
+        list(images),
+        model,
+        out,
+        params,
+        conf_dir=conf,
+        device=torch.device("cpu"),
+        progress=False,
+        journal=ShardJournal(tmp_path / "j", {"a": 1}),
+    ) == {"written": 1, "skipped": 2}
+    assert make_irn_masks(
+        FakeDS(images),
+        store,
+        list(images),
+        model,
+        out,
+        params,
+        conf_dir=conf,
+        device=torch.device("cpu"),
+        progress=False,
+    ) == {"written": 3, "skipped": 0}
     with pytest.raises(ValueError, match="not an IRN model"):
         from wsss.engine import save_checkpoint
 

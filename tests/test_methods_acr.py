@@ -11,7 +11,15 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from wsss.engine import TrainConfig, build_optimizer, load_checkpoint, load_model_state, poly_scheduler, save_model, train
+from wsss.engine import (
+    TrainConfig,
+    build_optimizer,
+    load_checkpoint,
+    load_model_state,
+    poly_scheduler,
+    save_model,
+    train,
+)
 from wsss.methods import acr as A
 from wsss.methods import build_method, required_files
 from wsss.methods.base import StepContext
@@ -138,7 +146,16 @@ def test_unet_decoder_layout():
     drops = sum(isinstance(m, torch.nn.Dropout) for m in d.modules())
     assert norms == 6 + 7 and drops == 5 + 4  # pix2pix: no norm on down1/down8; dropout down4-8, up1-4
     full = A.UNetDecoder(448, 3, depth=8)
-    assert [m.out_channels for m in full.modules() if isinstance(m, torch.nn.Conv2d)][:8] == [64, 128, 256, 512, 512, 512, 512, 512]
+    assert [m.out_channels for m in full.modules() if isinstance(m, torch.nn.Conv2d)][:8] == [
+        64,
+        128,
+        256,
+        512,
+        512,
+        512,
+        512,
+        512,
+    ]
     assert full.final[1].in_channels == 128 and full.final[1].bias is not None
     with pytest.raises(ValueError, match="divisible"):
         A.UNetDecoder(16, 3, depth=5, width=8)(torch.randn(1, 16, 48, 40))
@@ -241,11 +258,33 @@ class _RandomSet(Dataset):
 def test_engine_resume_restores_the_reconstructor_optimiser(tmp_path):
     cfg = TrainConfig(epochs=2, batch_size=2, lr=0.01, seed=3, amp=False, momentum_mode="standard")
     resolved = {"classifier": {"method": "acr"}}
-    train(_acr(), _RandomSet(), cfg, tmp_path / "a" / "model.pt", tmp_path / "a", resolved_config=resolved, progress=False)
-    train(_acr(), _RandomSet(), cfg, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=resolved, progress=False, stop_after_epochs=1)
+    train(
+        _acr(), _RandomSet(), cfg, tmp_path / "a" / "model.pt", tmp_path / "a", resolved_config=resolved, progress=False
+    )
+    train(
+        _acr(),
+        _RandomSet(),
+        cfg,
+        tmp_path / "b" / "model.pt",
+        tmp_path / "b",
+        resolved_config=resolved,
+        progress=False,
+        stop_after_epochs=1,
+    )
     assert "recon_optimizer" in load_checkpoint(tmp_path / "b" / "last.pt")["method_extra"]
-    train(_acr(seed=9), _RandomSet(), cfg, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=resolved, progress=False)
-    a, b = load_model_state(tmp_path / "a" / "model.pt")["model"], load_model_state(tmp_path / "b" / "model.pt")["model"]
+    train(
+        _acr(seed=9),
+        _RandomSet(),
+        cfg,
+        tmp_path / "b" / "model.pt",
+        tmp_path / "b",
+        resolved_config=resolved,
+        progress=False,
+    )
+    a, b = (
+        load_model_state(tmp_path / "a" / "model.pt")["model"],
+        load_model_state(tmp_path / "b" / "model.pt")["model"],
+    )
     assert a.keys() == b.keys() and any(k.startswith("reconstructor.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
@@ -259,7 +298,10 @@ def test_engine_resume_restores_the_reconstructor_optimiser(tmp_path):
 def test_required_files_for_the_workflow():
     assert required_files({"classifier": {"method": "cam"}}) == []
     assert required_files({"method": "acr", "method_options": {}}) == []
-    c = {"method": "acr", "method_options": {"reconstructor": "frozen", "reconstructor_init": "r/P/classifier/model.pt"}}
+    c = {
+        "method": "acr",
+        "method_options": {"reconstructor": "frozen", "reconstructor_init": "r/P/classifier/model.pt"},
+    }
     assert required_files({"classifier": c}) == ["r/P/classifier/model.pt"]
     both = {"classifier_init": "r/A/classifier/model.pt", "reconstructor_init": "r/P/classifier/model.pt"}
     assert A.ACRMethod.required_files(both) == ["r/A/classifier/model.pt", "r/P/classifier/model.pt"]
@@ -349,7 +391,9 @@ def test_trains_through_the_engine_on_the_tiny_dataset(tiny_cfg, tmp_path):
     ds = open_dataset(cfg)
     ids = ds.ids("train_aug")
     write_labels_csv(tmp_path / "labels.csv", ids, {i: ds.labels(i) for i in ids}, ds.class_names)
-    model = train_classifier(cfg, str(tmp_path / "labels.csv"), str(tmp_path / "model.pt"), str(tmp_path / "work"), progress=False)
+    model = train_classifier(
+        cfg, str(tmp_path / "labels.csv"), str(tmp_path / "model.pt"), str(tmp_path / "work"), progress=False
+    )
     with open(tmp_path / "work" / "train_log.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * (len(ids) // 8)

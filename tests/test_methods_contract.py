@@ -32,7 +32,10 @@ CLASSES = 3
 SIZE = 32
 CTX = StepContext(step=0, max_step=10, epoch=0, max_epoch=2, device=torch.device("cpu"))
 TEACHER_CFG = {
-    "method": "cam", "method_options": {}, "backbone": "resnet18", "pretrained": "none",
+    "method": "cam",
+    "method_options": {},
+    "backbone": "resnet18",
+    "pretrained": "none",
     "backbone_options": {"freeze_bn": True, "trainable_from": None},
 }
 #: options of the methods that need them (the values their own tests use)

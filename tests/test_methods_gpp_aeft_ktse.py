@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from wsss.methods import build_method
 from wsss.methods.aeft import (
     AEFTMethod,
     attraction_loss,
@@ -20,7 +21,6 @@ from wsss.methods.aeft import (
     repulsion_loss,
     sample_negatives,
 )
-from wsss.methods import build_method
 from wsss.methods.base import StepContext
 from wsss.methods.gpp import GPPHead, GPPMethod, gap_embedding, gated_merge, gpp_logits, max_norm, pyramid_pool
 from wsss.methods.ktse import (
@@ -236,7 +236,9 @@ def test_foreground_map_and_erase_masks_hand_values():
     assert torch.allclose(foreground_map(cam, only0).flatten(), torch.tensor([0.0, 0.25, 0.5, 1.0]), **approx)
     assert torch.allclose(foreground_map(cam, both).flatten(), torch.tensor([1.0, 0.25, 0.5, 1.0]), **approx)
     # Eq. 7 (soft, AEFT): zero above t_H, scaled by A_fg below; hard (KTSE): 0/1
-    assert torch.allclose(erase_mask(cam, only0, (1, 4), 0.6, "soft").flatten(), torch.tensor([0.0, 0.25, 0.5, 0.0]), **approx)
+    assert torch.allclose(
+        erase_mask(cam, only0, (1, 4), 0.6, "soft").flatten(), torch.tensor([0.0, 0.25, 0.5, 0.0]), **approx
+    )
     assert torch.equal(erase_mask(cam, only0, (1, 4), 0.6, "hard").flatten(), torch.tensor([1.0, 1.0, 1.0, 0.0]))
     assert torch.equal(erase_mask(cam, both, (1, 4), 0.6, "hard").flatten(), torch.tensor([0.0, 1.0, 1.0, 0.0]))
     # upsampling to the image size happens before the normalisation
@@ -417,7 +419,10 @@ def test_par_respects_colour_edges():
 def test_par_affinity_is_invariant_to_per_channel_affine_maps():
     g = torch.Generator().manual_seed(0)
     img = torch.rand(2, 3, 12, 12, generator=g)
-    std, mean = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std, mean = (
+        torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1),
+        torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1),
+    )
     assert torch.allclose(par_affinity((img - mean) / std), par_affinity(img), atol=1e-5)
 
 
@@ -553,7 +558,7 @@ def test_ktse_schedule_and_constant_terms():
 
 def test_ktse_forward_backward_gradient_paths_and_cam():
     m = make("ktse", start_epoch=1)
-    terms = run_step(m)
+    run_step(m)
     assert m.head.fc9.out_channels == 4  # C + 1: background first
     cam = m.cam(batch()["image"])
     assert cam.shape == (4, 3, 2, 2) and (cam >= 0).all()  # foreground maps only
@@ -572,8 +577,16 @@ def test_ktse_forward_backward_gradient_paths_and_cam():
 
 @pytest.mark.parametrize(
     "sie, ssr, mga",
-    [(False, False, False), (True, False, False), (False, True, False), (False, False, True),
-     (True, True, False), (True, True, True), (True, False, True), (False, True, True)],
+    [
+        (False, False, False),
+        (True, False, False),
+        (False, True, False),
+        (False, False, True),
+        (True, True, False),
+        (True, True, True),
+        (True, False, True),
+        (False, True, True),
+    ],
 )
 def test_ktse_table6_switches_run(sie, ssr, mga):
     m = make("ktse", start_epoch=1, sie=sie, ssr=ssr, mga=mga)
@@ -582,16 +595,26 @@ def test_ktse_table6_switches_run(sie, ssr, mga):
     assert ("seg_pair" in terms) == (sie and ssr)
 
 
-@pytest.mark.parametrize("mode, terms", [("ga", {"global"}), ("ga_la", {"global", "local"}),
-                                          ("rigid", {"erased_cls"}), ("gpp", {"gpp_attract"})])
+@pytest.mark.parametrize(
+    "mode, terms",
+    [("ga", {"global"}), ("ga_la", {"global", "local"}), ("rigid", {"erased_cls"}), ("gpp", {"gpp_attract"})],
+)
 def test_ktse_table7_rows_run(mode, terms):
     m = make("ktse", start_epoch=1, sie=False, ssr=False, mga_mode=mode)
     assert set(run_step(m)) == {"cls"} | terms
 
 
 def test_ktse_variants_run():
-    m = make("ktse", start_epoch=1, concat_axis="width", use_par=False, seg_relu=False, kt_detach_target=True,
-             num_pairs=0, mask_mode="soft")
+    m = make(
+        "ktse",
+        start_epoch=1,
+        concat_axis="width",
+        use_par=False,
+        seg_relu=False,
+        kt_detach_target=True,
+        num_pairs=0,
+        mask_mode="soft",
+    )
     terms = run_step(m)
     assert set(terms) == set(m.term_names())
 
@@ -672,7 +695,9 @@ def _train(tiny_cfg, tmp_path, name, options):
     cfg["classifier"]["method"] = name
     cfg["classifier"]["method_options"] = options
     cfg["classifier"]["epochs"] = 2
-    out = train_classifier(cfg, str(tmp_path / "labels.csv"), str(tmp_path / "m.pt"), str(tmp_path / "w"), progress=False)
+    out = train_classifier(
+        cfg, str(tmp_path / "labels.csv"), str(tmp_path / "m.pt"), str(tmp_path / "w"), progress=False
+    )
     assert out.exists()
     with open(tmp_path / "w" / "train_log.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -11,8 +11,8 @@ import torch
 
 from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from wsss.engine import TrainConfig, build_optimizer, train_step
-from wsss.methods import islfsl as IF
 from wsss.methods import build_method, list_methods
+from wsss.methods import islfsl as IF
 from wsss.methods.base import StepContext
 from wsss.models import build_backbone
 
@@ -66,7 +66,9 @@ def test_binomial_isl_is_importance_weighted_bce_in_expectation():
     y = torch.tensor([[1.0, 0.0]])
     loss = IF.isl_binomial(cams, y, num_samples=40000, generator=torch.Generator().manual_seed(3))
     p = torch.sigmoid(cams) + 1e-5
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(cams, y[:, :, None, None].expand_as(cams), reduction="none")
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(
+        cams, y[:, :, None, None].expand_as(cams), reduction="none"
+    )
     expected = ((p * bce).flatten(2).sum(-1) / p.flatten(2).sum(-1)).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=0.02)
 
@@ -270,7 +272,9 @@ def test_trains_through_the_engine_on_the_tiny_dataset(tiny_cfg, tmp_path):
     ds = open_dataset(cfg)
     ids = ds.ids("train_aug")
     write_labels_csv(tmp_path / "labels.csv", ids, {i: ds.labels(i) for i in ids}, ds.class_names)
-    model = train_classifier(cfg, str(tmp_path / "labels.csv"), str(tmp_path / "model.pt"), str(tmp_path / "work"), progress=False)
+    model = train_classifier(
+        cfg, str(tmp_path / "labels.csv"), str(tmp_path / "model.pt"), str(tmp_path / "work"), progress=False
+    )
     with open(tmp_path / "work" / "train_log.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * (len(ids) // cfg["classifier"]["batch_size"])

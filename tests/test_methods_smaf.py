@@ -11,14 +11,17 @@ import pytest
 import torch
 
 from wsss.engine import TrainConfig, build_optimizer, save_model, train_step
-from wsss.methods import smaf as S
 from wsss.methods import build_method, required_files
+from wsss.methods import smaf as S
 from wsss.methods.base import StepContext
 from wsss.models import build_backbone
 
 CTX = StepContext(step=0, max_step=10, epoch=0, max_epoch=1, device=torch.device("cpu"))
 TEACHER_CFG = {
-    "method": "cam", "method_options": {}, "backbone": "resnet18", "pretrained": "none",
+    "method": "cam",
+    "method_options": {},
+    "backbone": "resnet18",
+    "pretrained": "none",
     "backbone_options": {"freeze_bn": True, "trainable_from": None},
 }
 
@@ -65,7 +68,10 @@ def test_fuse_multiscale_sums_scales_and_undoes_the_flip():
     torch.testing.assert_close(fused, torch.full((2, 1, 4, 4), 3.0 * 8), rtol=1e-4, atol=1e-4)
     # per-image chunks give the same result
     x = torch.randn(3, 2, 8, 8)
-    torch.testing.assert_close(S.fuse_multiscale(ident, x, [0.5, 1.0], True, (4, 4), chunk=2), S.fuse_multiscale(ident, x, [0.5, 1.0], True, (4, 4)))
+    torch.testing.assert_close(
+        S.fuse_multiscale(ident, x, [0.5, 1.0], True, (4, 4), chunk=2),
+        S.fuse_multiscale(ident, x, [0.5, 1.0], True, (4, 4)),
+    )
 
 
 def test_rescale_sizes_are_rounded():
@@ -102,7 +108,9 @@ def test_student_maps_and_mac_loss_hand_values():
 def test_iteration_helper_and_required_files():
     assert S.epochs_for_iterations(20000, 10582, 8) == 15  # official 20k iterations at batch 8
     assert required_files({"classifier": {"method": "cam"}}) == []
-    assert required_files({"method": "smaf", "method_options": {"teacher_path": "r/x/classifier/model.pt"}}) == ["r/x/classifier/model.pt"]
+    assert required_files({"method": "smaf", "method_options": {"teacher_path": "r/x/classifier/model.pt"}}) == [
+        "r/x/classifier/model.pt"
+    ]
     assert S.SMAFMethod.required_files({"teacher_path": "r/x/classifier/model.pt"}) == ["r/x/classifier/model.pt"]
     with pytest.raises(ValueError, match="teacher_path"):
         required_files({"classifier": {"method": "smaf", "method_options": {}}})
@@ -195,12 +203,29 @@ def test_resume_is_refused_when_the_teacher_file_changed(teacher_file, tmp_path)
     cfg = TrainConfig(epochs=2, batch_size=2, lr=0.01, seed=0, amp=False)
     resolved = {"classifier": {"method": "smaf", "method_options": {"teacher_path": str(teacher)}}}
     opts = {"scales": [1.0], "flip": False}
-    train(_smaf(teacher, **opts), _RandomSet(), cfg, tmp_path / "model.pt", tmp_path, resolved_config=resolved, progress=False, stop_after_epochs=1)
+    train(
+        _smaf(teacher, **opts),
+        _RandomSet(),
+        cfg,
+        tmp_path / "model.pt",
+        tmp_path,
+        resolved_config=resolved,
+        progress=False,
+        stop_after_epochs=1,
+    )
     assert load_checkpoint(tmp_path / "last.pt")["method_extra"]["teacher_sha256"]
     torch.manual_seed(99)  # the teacher is retrained: same path, other weights
     save_model(teacher, build_method("cam", num_classes=3, backbone=_backbone()), {"classifier": TEACHER_CFG})
     with pytest.raises(RuntimeError, match="another teacher"):
-        train(_smaf(teacher, **opts), _RandomSet(), cfg, tmp_path / "model.pt", tmp_path, resolved_config=resolved, progress=False)
+        train(
+            _smaf(teacher, **opts),
+            _RandomSet(),
+            cfg,
+            tmp_path / "model.pt",
+            tmp_path,
+            resolved_config=resolved,
+            progress=False,
+        )
 
 
 ABLATIONS = [
@@ -237,12 +262,18 @@ def test_teacher_then_student_through_the_engine(tiny_cfg, tmp_path):
     write_labels_csv(labels_csv, ids, {i: ds.labels(i) for i in ids}, ds.class_names)
     teacher_cfg = copy.deepcopy(tiny_cfg)
     teacher_cfg["classifier"]["epochs"] = 1
-    teacher = train_classifier(teacher_cfg, str(labels_csv), str(tmp_path / "Y" / "model.pt"), str(tmp_path / "Y" / "work"), progress=False)
+    teacher = train_classifier(
+        teacher_cfg, str(labels_csv), str(tmp_path / "Y" / "model.pt"), str(tmp_path / "Y" / "work"), progress=False
+    )
 
     cfg = copy.deepcopy(tiny_cfg)
-    cfg["classifier"].update(method="smaf", method_options={"teacher_path": str(teacher), "scales": [0.5, 1.0, 1.5]}, batch_size=8)
+    cfg["classifier"].update(
+        method="smaf", method_options={"teacher_path": str(teacher), "scales": [0.5, 1.0, 1.5]}, batch_size=8
+    )
     assert required_files(cfg) == [str(teacher)]
-    model = train_classifier(cfg, str(labels_csv), str(tmp_path / "X" / "model.pt"), str(tmp_path / "X" / "work"), progress=False)
+    model = train_classifier(
+        cfg, str(labels_csv), str(tmp_path / "X" / "model.pt"), str(tmp_path / "X" / "work"), progress=False
+    )
     with open(tmp_path / "X" / "work" / "train_log.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 2 * (len(ids) // 8) and {"loss_mac", "loss_cls"} <= set(rows[0])

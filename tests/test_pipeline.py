@@ -93,7 +93,9 @@ def test_deeplab_training_under_torchrun_with_two_processes(tiny_cfg, tmp_path):
     cfg["deeplab"].update(epochs=1, batch_size=4, crop_size=32)
     marker = tmp_path / "masks.json"  # ground-truth maps stand in for pseudo-masks here
     write_shard_marker(marker, kind="irn", ids=[], mask_dir=tiny_cfg_root(cfg) / "SegmentationClassAug", resolved={})
-    out = launch_deeplab_training(cfg, [str(marker)], [], str(tmp_path / "model.pt"), str(tmp_path / "work"), threads=2, gpus=2)
+    out = launch_deeplab_training(
+        cfg, [str(marker)], [], str(tmp_path / "model.pt"), str(tmp_path / "work"), threads=2, gpus=2
+    )
     assert load_model_state(out)["model"]
     assert (tmp_path / "work" / "torchrun_args.json").exists()
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_workflow import job_counts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +21,18 @@ TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
 def _snakemake(workdir: Path, *args: str) -> str:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(TINY), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(TINY),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -51,23 +60,41 @@ def dry_run_with(work: Path, tmp_path: Path, override: dict) -> dict:
     return job_counts(_snakemake(work, "-n", "--configfile", str(TINY), str(extra)))
 
 
-DOWNSTREAM_OF_IRN_MASKS = {"irn_masks_shard", "eval_masks", "mask_gallery", "train_deeplab", "deeplab_predict_shard",
-                           "eval_deeplab", "summary_table", "training_curves", "all"}
+DOWNSTREAM_OF_IRN_MASKS = {
+    "irn_masks_shard",
+    "eval_masks",
+    "mask_gallery",
+    "train_deeplab",
+    "deeplab_predict_shard",
+    "eval_deeplab",
+    "summary_table",
+    "training_curves",
+    "all",
+}
 
 CASES = {
     # CAM inference (the ReLU/resize order): the CAMs and everything after them; the classifier is kept
-    "cam.upsample": ({"cam": {"upsample": "raw_then_relu"}},
-                     DOWNSTREAM_OF_IRN_MASKS | {"cam_shard", "seed_eval", "seed_masks_shard", "crf_shard", "ir_labels_shard", "train_irn"}),
+    "cam.upsample": (
+        {"cam": {"upsample": "raw_then_relu"}},
+        DOWNSTREAM_OF_IRN_MASKS
+        | {"cam_shard", "seed_eval", "seed_masks_shard", "crf_shard", "ir_labels_shard", "train_irn"},
+    ),
     # IRN inference: the masks and what trains on them; IRN is not retrained
     "irn.infer": ({"irn": {"infer": {"pad_to": 0, "beta": 7}}}, DOWNSTREAM_OF_IRN_MASKS),
     # IRN training: IRN and after; the IR labels are kept
     "irn.train": ({"irn": {"train": {"epochs": 2}}}, DOWNSTREAM_OF_IRN_MASKS | {"train_irn"}),
     # IR labels: labels, their evaluation, IRN and after; CAMs and CRF are kept
-    "irn.ir_label": ({"irn": {"ir_label": {"fg_thresh": 0.35}}}, DOWNSTREAM_OF_IRN_MASKS | {"train_irn", "ir_labels_shard"}),
+    "irn.ir_label": (
+        {"irn": {"ir_label": {"fg_thresh": 0.35}}},
+        DOWNSTREAM_OF_IRN_MASKS | {"train_irn", "ir_labels_shard"},
+    ),
     # CRF: its masks, their evaluation and gallery; DeepLab trains on IRN masks, so it is kept
     "crf": ({"crf": {"alpha": 8}}, {"crf_shard", "eval_masks", "mask_gallery", "summary_table", "all"}),
     # DeepLab test-time keys: prediction and evaluation, not training
-    "deeplab.test": ({"deeplab": {"test_scales": [1.0, 0.5]}}, {"deeplab_predict_shard", "eval_deeplab", "summary_table", "all"}),
+    "deeplab.test": (
+        {"deeplab": {"test_scales": [1.0, 0.5]}},
+        {"deeplab_predict_shard", "eval_deeplab", "summary_table", "all"},
+    ),
     # DeepLab evaluation keys: the evaluation only
     "deeplab.eval": ({"deeplab": {"gallery_images": 2}}, {"eval_deeplab", "summary_table", "all"}),
 }
@@ -86,21 +113,40 @@ def test_shard_count_is_not_a_param(touched, tmp_path):
     """More CRF shards: new shard jobs (their outputs have new names) and the evaluation of their
     markers, nothing upstream; the masks keep their folder (the config hash leaves `shards` out)."""
     counts = dry_run_with(touched, tmp_path, {"crf": {"shards": 3}})
-    assert counts["crf_shard"] == 3 and set(counts) == {"crf_shard", "eval_masks", "mask_gallery", "summary_table", "all"}, counts
+    assert counts["crf_shard"] == 3 and set(counts) == {
+        "crf_shard",
+        "eval_masks",
+        "mask_gallery",
+        "summary_table",
+        "all",
+    }, counts
 
 
 # AffinityNet runs for experiments with deeplab.pseudo_masks: affinitynet: its own touched DAG
 AFFINITYNET = {"deeplab": {"pseudo_masks": "affinitynet"}}
-DOWNSTREAM_OF_AFFINITYNET_MASKS = {"affinitynet_masks_shard", "eval_masks", "train_deeplab", "deeplab_predict_shard",
-                                   "eval_deeplab", "summary_table", "training_curves", "all"}
+DOWNSTREAM_OF_AFFINITYNET_MASKS = {
+    "affinitynet_masks_shard",
+    "eval_masks",
+    "train_deeplab",
+    "deeplab_predict_shard",
+    "eval_deeplab",
+    "summary_table",
+    "training_curves",
+    "all",
+}
 AFFINITYNET_CASES = {
     # the random walk: the masks and what trains on them; AffinityNet is not retrained
     "affinitynet.infer": ({"affinitynet": {"infer": {"alpha": 8.0}}}, DOWNSTREAM_OF_AFFINITYNET_MASKS),
     # training: AffinityNet and after; its labels, the classifier and the CAMs are kept
-    "affinitynet.train": ({"affinitynet": {"train": {"lr": 0.05}}}, DOWNSTREAM_OF_AFFINITYNET_MASKS | {"train_affinitynet"}),
+    "affinitynet.train": (
+        {"affinitynet": {"train": {"lr": 0.05}}},
+        DOWNSTREAM_OF_AFFINITYNET_MASKS | {"train_affinitynet"},
+    ),
     # the CRF label pairs: labels, training and after
-    "affinitynet.label": ({"affinitynet": {"label": {"high_alpha": 24.0}}},
-                          DOWNSTREAM_OF_AFFINITYNET_MASKS | {"train_affinitynet", "affinity_labels_shard"}),
+    "affinitynet.label": (
+        {"affinitynet": {"label": {"high_alpha": 24.0}}},
+        DOWNSTREAM_OF_AFFINITYNET_MASKS | {"train_affinitynet", "affinity_labels_shard"},
+    ),
 }
 
 
@@ -139,7 +185,9 @@ def test_affinitynet_shard_count_reruns_no_upstream_stage(touched_affinitynet, t
     and the other refinements are kept (the hash of each stage leaves ``shards`` out)."""
     counts = dry_run_with(touched_affinitynet, tmp_path, _with_affinitynet({"affinitynet": {"shards": 3}}))
     assert counts["affinity_labels_shard"] == 3 and counts["affinitynet_masks_shard"] == 3, counts
-    assert not {"train_classifier", "cam_shard", "crf_shard", "ir_labels_shard", "train_irn", "irn_masks_shard"} & set(counts), counts
+    assert not {"train_classifier", "cam_shard", "crf_shard", "ir_labels_shard", "train_irn", "irn_masks_shard"} & set(
+        counts
+    ), counts
 
 
 def test_affinitynet_experiment_dry_run(tmp_path):
@@ -150,12 +198,18 @@ def test_affinitynet_experiment_dry_run(tmp_path):
     out = _snakemake(tmp_path, str(extra), "-n")
     counts = job_counts(out)
     assert counts["train_classifier"] == 2 and counts["train_deeplab"] == 2, counts
-    assert counts["affinity_labels_shard"] == 2 and counts["train_affinitynet"] == 1 and counts["affinitynet_masks_shard"] == 2, counts
+    assert (
+        counts["affinity_labels_shard"] == 2
+        and counts["train_affinitynet"] == 1
+        and counts["affinitynet_masks_shard"] == 2
+    ), counts
     assert counts["eval_masks"] == 3 + 4, counts  # crf, ir_labels, irn for both; affinitynet for aff
     run = "results/synthetic-tiny/aff/s0"
     assert f"{run}/affinitynet/masks/metrics.csv" in out and "results/synthetic-tiny/baseline/s0/affinitynet" not in out
     jobs = re.split(r"\n(?=(?:local)?rule \w+:)", out)
-    deeplab_job = next(job for job in jobs if job.startswith("rule train_deeplab:") and f"{run}/deeplab/model.pt" in job)
+    deeplab_job = next(
+        job for job in jobs if job.startswith("rule train_deeplab:") and f"{run}/deeplab/model.pt" in job
+    )
     assert f"{run}/affinitynet/masks/shard-1-of-2.json" in deeplab_job and "irn/masks" not in deeplab_job, deeplab_job
 
 

@@ -32,8 +32,21 @@ ACTIONS = {"script", "shell", "run", "wrapper", "notebook", "cwl", "template_eng
 # the env of training and inference jobs (envs/torch.yaml: classifier, CAMs, IRN, DeepLab)
 GPU_ENV = "envs/torch.yaml"
 # where a job runs is the profile's business, never a rule's (profiles/slurm/config.yaml)
-SITE_RESOURCES = {"slurm_account", "slurm_partition", "gpu_model", "gres", "constraint", "qos", "slurm_extra",
-                  "cpus_per_task", "cpus_per_gpu", "mem_mb_per_cpu", "nodes", "tasks", "clusters"}
+SITE_RESOURCES = {
+    "slurm_account",
+    "slurm_partition",
+    "gpu_model",
+    "gres",
+    "constraint",
+    "qos",
+    "slurm_extra",
+    "cpus_per_task",
+    "cpus_per_gpu",
+    "mem_mb_per_cpu",
+    "nodes",
+    "tasks",
+    "clusters",
+}
 # names Snakemake or the plugin would not read as a GPU request
 GPU_MISSPELLINGS = {"gpus", "nvidia_gpu", "gpu_count", "num_gpus", "ngpus"}
 DATASETS = ["synthetic", "voc12", "coco14"]
@@ -118,7 +131,7 @@ def parse_rules(path: Path) -> list:
             continue
         indent = _indent(line)
         block = []
-        for nxt in lines[i + 1:]:
+        for nxt in lines[i + 1 :]:
             if nxt.strip() and _indent(nxt) <= indent:
                 break
             block.append(nxt)
@@ -157,7 +170,9 @@ def test_rule_parser_reads_a_known_rule(declared):
     (train,) = [d for d in declared if d.name == "train_classifier"]
     assert train.has_action and train.directives["threads"].strip().isdigit()
     keys = train.resource_keys()
-    assert keys["gpu"] == "1" and keys["mem_mb"].startswith("res.mem_mb(") and keys["runtime"].startswith("res.runtime(")
+    assert (
+        keys["gpu"] == "1" and keys["mem_mb"].startswith("res.mem_mb(") and keys["runtime"].startswith("res.runtime(")
+    )
     assert "../envs/torch.yaml" in train.directives["conda"]
     downloads = [d for d in declared if d.matches("download_voc2012_trainval")]
     assert len(downloads) == 1 and downloads[0].name != "download_voc2012_trainval"
@@ -190,8 +205,11 @@ def test_memory_and_runtime_grow_with_attempt_in_every_rule(declared):
 def test_training_and_inference_rules_request_gpu_1(declared):
     torch_rules = [d for d in declared if d.has_action and GPU_ENV in d.directives.get("conda", "")]
     assert {"train_classifier", "cam_shard"} <= {d.name for d in torch_rules}
-    wrong = [f"{d.where} rule {d.name}: gpu={d.resource_keys().get('gpu')}" for d in torch_rules
-             if d.resource_keys().get("gpu") != "1"]
+    wrong = [
+        f"{d.where} rule {d.name}: gpu={d.resource_keys().get('gpu')}"
+        for d in torch_rules
+        if d.resource_keys().get("gpu") != "1"
+    ]
     assert not wrong, "rules in the torch env must declare resources gpu=1:\n" + "\n".join(wrong)
 
 
@@ -213,8 +231,22 @@ def dry_run(workdir: Path, dataset: str, attempt: int) -> dict:
     """``rule -> [resources of each job]`` of the default DAG, as ``snakemake -n`` prints them.
     No profile applies (--workflow-profile none, SNAKEMAKE_PROFILE unset): the rules' own requests."""
     env = {k: v for k, v in os.environ.items() if k != "SNAKEMAKE_PROFILE"}
-    cmd = [sys.executable, "-m", "snakemake", "-n", "--attempt", str(attempt), "--workflow-profile", "none",
-           "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--config", f"dataset={{name: {dataset}}}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "--attempt",
+        str(attempt),
+        "--workflow-profile",
+        "none",
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--config",
+        f"dataset={{name: {dataset}}}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     jobs: dict = {}
@@ -273,8 +305,9 @@ def test_second_attempt_asks_for_more_memory_and_time(evaluated, declared):
                     if not int(r2[k]) > int(r1[k]):
                         bad[(rule, k)] = f"{rule}: {k} {r1[k]} at attempt 1, {r2[k]} at attempt 2"
     assert {"train_classifier", "cam_shard"} <= seen
-    assert not bad, ("use res.mem_mb(...) / res.runtime(...) of wsss/workflow/resources.py in:\n"
-                     + "\n".join(sorted(bad.values())))
+    assert not bad, "use res.mem_mb(...) / res.runtime(...) of wsss/workflow/resources.py in:\n" + "\n".join(
+        sorted(bad.values())
+    )
 
 
 def test_jobs_request_gpu_1_exactly_where_declared_and_no_site_settings(evaluated, declared):

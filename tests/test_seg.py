@@ -25,10 +25,16 @@ from wsss.io import read_label_png, write_label_png
 from wsss.metrics import BoundaryAccumulator, ConfusionMatrix
 from wsss.seg import predict_shard, train_segmentation
 from wsss.seg.data import SegTrainSet, SegTrainTransform, apply_confidence, read_confidence_png, resized_crop_box
-from wsss.seg.evaluate import InferenceSettings, beco_crf_image, evaluate_predictions, predict_label, predict_probs, predict_to_dir
+from wsss.seg.evaluate import (
+    InferenceSettings,
+    beco_crf_image,
+    evaluate_predictions,
+    predict_label,
+    predict_probs,
+    predict_to_dir,
+)
 from wsss.seg.models import SEG_MODELS, build_seg_model
 from wsss.seg.train import SegmentationMethod, segmentation_ce
-
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -86,7 +92,9 @@ def random_dataset(root: Path, n: int = 4, h: int = 24, w: int = 32, seed: int =
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,backbone", [("deeplabv2", "resnet18_os8"), ("deeplabv3plus", "resnet18"), ("deeplabv3plus", "resnet18_os8")])
+@pytest.mark.parametrize(
+    "name,backbone", [("deeplabv2", "resnet18_os8"), ("deeplabv3plus", "resnet18"), ("deeplabv3plus", "resnet18_os8")]
+)
 def test_models_forward_backward_odd_size(name, backbone):
     torch.manual_seed(0)
     model = build_seg_model(name, 4, backbone=backbone)
@@ -163,7 +171,9 @@ def test_loss_ignores_255_and_normalisations():
     changed = logits.clone()
     changed[0, :, :2] = 100 * torch.randn(4, 2, 6, generator=g)  # only ignored pixels change
     for mode in ("valid", "all"):
-        assert torch.allclose(segmentation_ce(changed, target, normalisation=mode), segmentation_ce(logits, target, normalisation=mode))
+        assert torch.allclose(
+            segmentation_ce(changed, target, normalisation=mode), segmentation_ce(logits, target, normalisation=mode)
+        )
     none = torch.full_like(target, 255)
     assert float(segmentation_ce(logits, none, normalisation="valid")) == 0.0
     with pytest.raises(ValueError, match="ce_normalisation"):
@@ -181,6 +191,7 @@ def test_method_losses_named_ce():
 # ----------------------------------------------------------------------------------------------
 # training pairs
 # ----------------------------------------------------------------------------------------------
+
 
 def _identity_transform(h, w):
     assert h == w
@@ -201,7 +212,9 @@ def test_confidence_masks_become_ignore(tmp_path):
     Image.fromarray(conf[..., 0] > 0).save(tmp_path / "one_bit.png")  # mode "1"
     assert np.array_equal(read_confidence_png(tmp_path / "one_bit.png"), conf[..., 0] > 0)
 
-    with_conf = SegTrainSet(ds, ds.ids("all"), _identity_transform(16, 16), mask_dir=tmp_path / "pm", conf_dir=tmp_path / "conf")
+    with_conf = SegTrainSet(
+        ds, ds.ids("all"), _identity_transform(16, 16), mask_dir=tmp_path / "pm", conf_dir=tmp_path / "conf"
+    )
     without = SegTrainSet(ds, ds.ids("all"), _identity_transform(16, 16), mask_dir=tmp_path / "pm")
     expected = pseudo.copy()
     expected[:4] = 255
@@ -302,15 +315,25 @@ def fixed_dataset(root: Path):
 def test_evaluation_of_fixed_prediction(tmp_path):
     ds, pairs = fixed_dataset(tmp_path / "ds")
     settings = InferenceSettings(scales=(1.0,), flip=True)
-    counts = predict_to_dir(DecodeModel(), ds, ["a", "b"], tmp_path / "pred", settings, device=torch.device("cpu"), progress=False)
+    counts = predict_to_dir(
+        DecodeModel(), ds, ["a", "b"], tmp_path / "pred", settings, device=torch.device("cpu"), progress=False
+    )
     assert counts == {"written": 2, "skipped": 0}
     for i, (_, pred) in pairs.items():
         assert np.array_equal(read_label_png(tmp_path / "pred" / f"{i}.png"), pred)
         with Image.open(tmp_path / "pred" / f"{i}.png") as im:
             assert im.mode == "P"  # coloured (VOC palette) and index-preserving
     row = evaluate_predictions(
-        ds, ["a", "b"], tmp_path / "pred", tmp_path / "m.csv", tmp_path / "pc.csv",
-        resolved_config={"deeplab": {"x": 1}}, split="all", gallery_png=tmp_path / "g.png", gallery_images=2, progress=False,
+        ds,
+        ["a", "b"],
+        tmp_path / "pred",
+        tmp_path / "m.csv",
+        tmp_path / "pc.csv",
+        resolved_config={"deeplab": {"x": 1}},
+        split="all",
+        gallery_png=tmp_path / "g.png",
+        gallery_images=2,
+        progress=False,
     )
     # by hand, a: class 0 gt 4 pred 3 tp 3; class 1 gt 3 pred 3 tp 2; class 2 gt 0 pred 1 (the other 2 is void)
     # b: class 0 gt 8 pred 7 tp 7; class 1 pred 1
@@ -338,7 +361,15 @@ def test_evaluation_of_fixed_prediction(tmp_path):
     assert (tmp_path / "g.png").exists()
     os.remove(tmp_path / "pred" / "b.png")
     with pytest.raises(Exception, match="b.png"):
-        evaluate_predictions(ds, ["a", "b"], tmp_path / "pred", tmp_path / "m.csv", tmp_path / "pc.csv", resolved_config={}, progress=False)
+        evaluate_predictions(
+            ds,
+            ["a", "b"],
+            tmp_path / "pred",
+            tmp_path / "m.csv",
+            tmp_path / "pc.csv",
+            resolved_config={},
+            progress=False,
+        )
 
 
 class ConstModel(nn.Module):
@@ -423,7 +454,15 @@ def test_real_deeplab_crf_runs():
 # stages
 # ----------------------------------------------------------------------------------------------
 
-TINY = {"backbone": "resnet18_os8", "epochs": 1, "batch_size": 2, "crop_size": 24, "amp": False, "test_scales": [1.0], "flip": False}
+TINY = {
+    "backbone": "resnet18_os8",
+    "epochs": 1,
+    "batch_size": 2,
+    "crop_size": 24,
+    "amp": False,
+    "test_scales": [1.0],
+    "flip": False,
+}
 
 
 def test_params_defaults_beco_and_errors():
@@ -431,9 +470,21 @@ def test_params_defaults_beco_and_errors():
     assert section_defaults("deeplab")["model"] == "deeplabv2"
     assert validate_section("deeplab", None) == section_defaults("deeplab")
     beco = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "deeplab_beco.yaml")["deeplab"]
-    assert (beco["backbone"], beco["lr"], beco["batch_size"], beco["epochs"], beco["crop_size"]) == ("resnet101_os8", 0.01, 16, 100, 512)
+    assert (beco["backbone"], beco["lr"], beco["batch_size"], beco["epochs"], beco["crop_size"]) == (
+        "resnet101_os8",
+        0.01,
+        16,
+        100,
+        512,
+    )
     assert beco["test_scales"] == [0.75, 1.0, 1.25] and beco["fusion"] == "max" and beco["head_lr_mult"] == 1.0
-    assert (beco["pretrained"], beco["use_confidence"], beco["seed"], beco["crf"], beco["crf_image"]) == ("imagenet_v2", True, 3223, True, "parity")
+    assert (beco["pretrained"], beco["use_confidence"], beco["seed"], beco["crf"], beco["crf_image"]) == (
+        "imagenet_v2",
+        True,
+        3223,
+        True,
+        "parity",
+    )
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "deeplab_beco.yaml").read_text())["deeplab"]
     assert set(raw) == set(section_defaults("deeplab"))  # the recipe names every key
     with pytest.raises(ConfigError, match="deeplab.fusion"):
@@ -452,7 +503,18 @@ def test_train_predict_shard_resumable(tmp_path, caplog):
         write_label_png(pm / f"{i}.png", ds.load_mask(i))
     params = dict(TINY, pseudo_masks="irn")
     model = tmp_path / "model.pt"
-    train_segmentation(ds, ids, pm, None, params, model, tmp_path / "work", threads=1, resolved_config={"deeplab": params}, progress=False)
+    train_segmentation(
+        ds,
+        ids,
+        pm,
+        None,
+        params,
+        model,
+        tmp_path / "work",
+        threads=1,
+        resolved_config={"deeplab": params},
+        progress=False,
+    )
     rows = list(csv.DictReader(open(tmp_path / "work" / "train_log.csv")))
     assert len(rows) == 2 and "loss_ce" in rows[0] and "lr_head" in rows[0]
     assert float(rows[0]["lr_head"]) == pytest.approx(0.01)  # head_lr_mult 1 (BECO)
@@ -463,13 +525,25 @@ def test_train_predict_shard_resumable(tmp_path, caplog):
         return ShardJournal(tmp_path / "s0.journal", {"job": 0})
 
     out = tmp_path / "pred"
-    r0 = predict_shard(ds, ids, model, params, out, shard_index=0, num_shards=2, marker_path=tmp_path / "s0.json", progress=False,
-                       journal=journal())
+    r0 = predict_shard(
+        ds,
+        ids,
+        model,
+        params,
+        out,
+        shard_index=0,
+        num_shards=2,
+        marker_path=tmp_path / "s0.json",
+        progress=False,
+        journal=journal(),
+    )
     assert r0["written"] == 2 and sorted(p.stem for p in out.glob("*.png")) == ids[:2]
     assert (tmp_path / "s0.json").exists()
     # resumable: PNGs this job wrote are kept (not recomputed); nothing to do -> the model is not even read
     write_label_png(out / f"{ids[0]}.png", np.full((24, 32), 2, np.uint8))
-    r0b = predict_shard(ds, ids, tmp_path / "missing.pt", params, out, shard_index=0, num_shards=2, progress=False, journal=journal())
+    r0b = predict_shard(
+        ds, ids, tmp_path / "missing.pt", params, out, shard_index=0, num_shards=2, progress=False, journal=journal()
+    )
     assert (r0b["written"], r0b["skipped"]) == (0, 2)
     assert (read_label_png(out / f"{ids[0]}.png") == 2).all()
     os.remove(out / f"{ids[1]}.png")
@@ -482,7 +556,9 @@ def test_train_predict_shard_resumable(tmp_path, caplog):
     assert not (read_label_png(out / f"{ids[0]}.png") == 2).all()
     r1 = predict_shard(ds, ids, model, params, out, shard_index=1, num_shards=2, progress=False)
     assert r1["written"] == 2 and len(list(out.glob("*.png"))) == 4
-    row = evaluate_predictions(ds, ids, out, tmp_path / "m.csv", tmp_path / "pc.csv", resolved_config={"deeplab": params}, progress=False)
+    row = evaluate_predictions(
+        ds, ids, out, tmp_path / "m.csv", tmp_path / "pc.csv", resolved_config={"deeplab": params}, progress=False
+    )
     assert 0.0 <= row["miou"] <= 1.0
 
     # ground-truth switch through the stage: no pseudo-mask folder allowed, trains on ds masks
@@ -490,7 +566,9 @@ def test_train_predict_shard_resumable(tmp_path, caplog):
     with pytest.raises(ValueError, match="pseudo_masks is 'gt'"):
         train_segmentation(ds, ids, pm, None, gt_params, tmp_path / "gt.pt", tmp_path / "gtwork", progress=False)
     with pytest.raises(ValueError, match="confidence"):
-        train_segmentation(ds, ids, pm, None, dict(params, use_confidence=True), tmp_path / "c.pt", tmp_path / "cw", progress=False)
+        train_segmentation(
+            ds, ids, pm, None, dict(params, use_confidence=True), tmp_path / "c.pt", tmp_path / "cw", progress=False
+        )
 
 
 def test_train_on_ground_truth(tmp_path):
@@ -555,11 +633,22 @@ def _ddp_worker(rank, world, port, work):
     method = SegmentationMethod(_TinySeg())
     init = [p.detach().clone() for p in method.parameters()]
     cfg = TrainConfig(epochs=1, batch_size=4, lr=0.1, momentum_mode="standard", amp=False, seed=0)
-    train(method, _TensorSet(), cfg, Path(work) / "model.pt", Path(work) / "w", resolved_config={"t": 1},
-          device=torch.device("cpu"), progress=False, distributed=True)
+    train(
+        method,
+        _TensorSet(),
+        cfg,
+        Path(work) / "model.pt",
+        Path(work) / "w",
+        resolved_config={"t": 1},
+        device=torch.device("cpu"),
+        progress=False,
+        distributed=True,
+    )
     flat = torch.cat([p.detach().flatten() for p in method.parameters()])
-    torch.save({"flat": flat, "changed": any(not torch.equal(a, b) for a, b in zip(init, method.parameters()))},
-               Path(work) / f"rank{rank}.pt")
+    torch.save(
+        {"flat": flat, "changed": any(not torch.equal(a, b) for a, b in zip(init, method.parameters()))},
+        Path(work) / f"rank{rank}.pt",
+    )
     torch.distributed.destroy_process_group()
 
 

@@ -58,11 +58,22 @@ UNTIL = ["--until", "seed_eval", "dataset_stats"] if QUICK else []
 GPU_RULES = {"train_classifier", "cam_shard"}
 if not QUICK:
     GPU_RULES |= {"train_irn", "irn_masks_shard", "train_deeplab", "deeplab_predict_shard"}
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-                "BOOT_FAIL", "DEADLINE"}
+FINAL_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 # start.sh exit codes meaning "this machine cannot host the test cluster" (not "start.sh is broken")
-UNAVAILABLE = {3: "the Slurm packages are not installed and cannot be installed",
-               4: "this machine has its own Slurm configuration (/etc/slurm/slurm.conf), left untouched"}
+UNAVAILABLE = {
+    3: "the Slurm packages are not installed and cannot be installed",
+    4: "this machine has its own Slurm configuration (/etc/slurm/slurm.conf), left untouched",
+}
 # `timeout` exits 124 after its SIGINT; if snakemake is still busy 120 s later, `timeout -k` KILLs
 # its whole process group, itself included (-9 as seen from here)
 TIMED_OUT = {124, 137, -9}
@@ -82,8 +93,14 @@ def clean_env() -> dict:
 
 
 def run_script(script: Path, timeout: int) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=timeout, env=clean_env(),
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        ["bash", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -96,8 +113,11 @@ def slurm_owner():
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        pytest.fail("another process runs the Slurm integration test on this machine (a second pytest run, or "
-                    "xdist workers splitting tests/test_slurm.py: run it with `--dist loadfile`)", pytrace=False)
+        pytest.fail(
+            "another process runs the Slurm integration test on this machine (a second pytest run, or "
+            "xdist workers splitting tests/test_slurm.py: run it with `--dist loadfile`)",
+            pytrace=False,
+        )
     yield
     lock.close()
 
@@ -131,16 +151,40 @@ def slurm(slurm_owner):
 def snakemake_cmd(workdir: Path, *args: str, limit: int) -> list:
     """`snakemake --profile profiles/slurm-test` in ``workdir``, under `timeout -s INT`: SIGINT makes
     snakemake cancel its Slurm jobs before exiting (SIGTERM would leave it waiting for them)."""
-    return ["timeout", "-s", "INT", "-k", "120", str(limit), sys.executable, "-m", "snakemake", *args,
-            "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--profile", str(PROFILE),
-            "--configfile", str(workdir / "config.yaml")]
+    return [
+        "timeout",
+        "-s",
+        "INT",
+        "-k",
+        "120",
+        str(limit),
+        sys.executable,
+        "-m",
+        "snakemake",
+        *args,
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(PROFILE),
+        "--configfile",
+        str(workdir / "config.yaml"),
+    ]
 
 
 def snakemake(workdir: Path, *args: str, limit: int = 900) -> str:
     """Run it to the end; returns its log (stdout and stderr)."""
     cmd = snakemake_cmd(workdir, *args, limit=limit)
-    proc = subprocess.run(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=clean_env(), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd,
+        cwd=workdir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+    )
     if proc.returncode in TIMED_OUT:
         pytest.fail(f"snakemake ran past {limit} s (rc {proc.returncode}):\n{proc.stdout[-8000:]}", pytrace=False)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-10000:]}"
@@ -174,14 +218,16 @@ def submitted(output: str) -> dict:
             current["resources"] = dict(kv.split("=", 1) for kv in value.split(", "))
         else:
             current[key] = [v.split(" (")[0] for v in value.split(", ")]
-    return {slurm_id: jobs[sm_id] for sm_id, slurm_id in
-            re.findall(r"^Job (\d+) has been submitted with SLURM jobid (\d+)", output, re.M)}
+    return {
+        slurm_id: jobs[sm_id]
+        for sm_id, slurm_id in re.findall(r"^Job (\d+) has been submitted with SLURM jobid (\d+)", output, re.M)
+    }
 
 
 def rule_of(comment: str) -> str:
     """The plugin submits with --comment rule_<name>[_wildcards_<values>]."""
     assert comment.startswith("rule_"), f"not a job of the Snakemake Slurm plugin: comment {comment!r}"
-    return comment[len("rule_"):].split("_wildcards_")[0]
+    return comment[len("rule_") :].split("_wildcards_")[0]
 
 
 def sacct(ids, timeout: float = 60) -> dict:
@@ -192,8 +238,13 @@ def sacct(ids, timeout: float = 60) -> dict:
     fields = ["JobID", "Comment", "State", "Partition", "Account", "ReqTRES", "AllocTRES"]
     deadline = time.monotonic() + timeout
     while True:
-        out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", ",".join(ids), f"--format={','.join(fields)}"],
-                             capture_output=True, text=True, env=clean_env(), check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-X", "-j", ",".join(ids), f"--format={','.join(fields)}"],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            check=True,
+        ).stdout
         recs = {}
         for line in out.splitlines():
             row = dict(zip(fields, line.split("|")))
@@ -211,7 +262,7 @@ def tres_mem_mb(tres: str) -> int:
     """The mem= entry of a TRES string ("cpu=1,mem=8000M,node=1") in MB."""
     m = re.search(r"(?:^|,)mem=(\d+(?:\.\d+)?)([KMGT]?)", tres)
     assert m, f"no mem in TRES {tres!r}"
-    return round(float(m.group(1)) * {"K": 1 / 1024, "M": 1, "": 1, "G": 1024, "T": 1024 ** 2}[m.group(2)])
+    return round(float(m.group(1)) * {"K": 1 / 1024, "M": 1, "": 1, "G": 1024, "T": 1024**2}[m.group(2)])
 
 
 def profile_partitions() -> tuple:
@@ -241,8 +292,9 @@ def assert_nothing_looks_complete(workdir: Path, model: Path) -> None:
     for shard in (workdir / "results").rglob("*.h5"):
         with h5py.File(shard, "r") as f:
             complete = f.attrs.get("complete", None)
-        assert isinstance(complete, (bool, np.bool_)) and bool(complete), \
+        assert isinstance(complete, (bool, np.bool_)) and bool(complete), (
             f"{shard} sits at a final output path without complete=True (got {complete!r})"
+        )
 
 
 # ---------------------------------------------------------------- the tests
@@ -302,8 +354,9 @@ def test_deleting_a_final_output_reruns_only_its_stage(tiny_run):
 
 
 def _squeue_job(rule: str) -> tuple:
-    out = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, text=True, env=clean_env(),
-                         check=True).stdout
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%i|%k|%T"], capture_output=True, text=True, env=clean_env(), check=True
+    ).stdout
     for line in out.splitlines():
         jid, comment, state = line.split("|")
         if comment.startswith("rule_") and rule_of(comment) == rule:
@@ -330,15 +383,23 @@ def test_cancelled_training_leaves_no_complete_output_and_resumes(tiny_run, tmp_
     # first invocation: no retries, so the cancelled job fails the run instead of being resubmitted
     out_file = tmp_path / "first.out"
     with open(out_file, "w") as out:
-        proc = subprocess.Popen(snakemake_cmd(tmp_path, "--until", "train_classifier", "--retries", "0", limit=600),
-                                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, text=True, env=clean_env(),
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            snakemake_cmd(tmp_path, "--until", "train_classifier", "--retries", "0", limit=600),
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=clean_env(),
+            stdin=subprocess.DEVNULL,
+        )
     try:
         deadline = time.monotonic() + 540
         while not (work / "last.pt").exists():
             if proc.poll() is not None:
-                pytest.fail(f"snakemake ended ({proc.returncode}) before the first checkpoint:\n"
-                            f"{out_file.read_text()[-8000:]}", pytrace=False)
+                pytest.fail(
+                    f"snakemake ended ({proc.returncode}) before the first checkpoint:\n{out_file.read_text()[-8000:]}",
+                    pytrace=False,
+                )
             assert time.monotonic() < deadline, f"no checkpoint after 540 s:\n{out_file.read_text()[-5000:]}"
             time.sleep(0.1)
         jid, state = _squeue_job("train_classifier")

@@ -45,8 +45,16 @@ def medium(tmp_path_factory):
     """200 small images: enough for the co-occurrence and size statistics."""
     root = tmp_path_factory.mktemp("synthetic") / "medium"
     generate_synthetic(
-        root, preset="tiny", seed=3, progress=False, n_train_aug=160, n_train=40, n_val=40,
-        long_side=[96, 128], object_size=[0.08, 0.75], min_visible_pixels=8,
+        root,
+        preset="tiny",
+        seed=3,
+        progress=False,
+        n_train_aug=160,
+        n_train=40,
+        n_val=40,
+        long_side=[96, 128],
+        object_size=[0.08, 0.75],
+        min_visible_pixels=8,
     )
     ds = VOCDataset(root)
     meta = json.loads((root / "meta.json").read_text())["images"]
@@ -227,8 +235,23 @@ def test_default_preset_sizes():
 
 def test_cli(tmp_path, capsys):
     root = tmp_path / "cli"
-    rc = main([str(root), "--preset", "tiny", "--seed", "2", "--set", "n_train_aug=4", "--set", "n_train=2",
-               "--set", "n_val=2", "--set", "long_side=[48, 56]"])
+    rc = main(
+        [
+            str(root),
+            "--preset",
+            "tiny",
+            "--seed",
+            "2",
+            "--set",
+            "n_train_aug=4",
+            "--set",
+            "n_train=2",
+            "--set",
+            "n_val=2",
+            "--set",
+            "long_side=[48, 56]",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["images"] == 6
@@ -257,7 +280,7 @@ def test_boat_water_cooccurrence(medium):
         assert all(o["on_water"] == m["water"] for o in m["objects"] if o["class"] == "boat")
     for m in [m for m in boat if m["water"]][:10]:
         mask = ds.load_mask(m["id"])
-        bottom = mask[-max(2, mask.shape[0] // 10):]
+        bottom = mask[-max(2, mask.shape[0] // 10) :]
         assert (bottom == 0).mean() > 0.3  # the lowest rows are mostly (water =) background
 
 
@@ -278,7 +301,7 @@ def test_boundary_band(medium):
         near = np.zeros_like(void)
         for o in m["objects"]:  # bbox (1-based, inclusive) of the visible region before banding
             x0, y0, x1, y1 = o["bbox"]
-            near[max(y0 - 2, 0):y1 + 1, max(x0 - 2, 0):x1 + 1] = True
+            near[max(y0 - 2, 0) : y1 + 1, max(x0 - 2, 0) : x1 + 1] = True
         assert near[void].all(), m["id"]
         assert void.mean() < 0.3
 

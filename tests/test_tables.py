@@ -19,7 +19,8 @@ def fake_experiment(res, name, deeplab_miou, seed=True):
     d = res / name
     if seed:
         pd.DataFrame({"threshold": [0.1, 0.2], "miou": [0.3, 0.4], "chosen_with_gt": [False, True]}).to_csv(
-            (d / "seeds").mkdir(parents=True) or d / "seeds" / "threshold_sweep.csv", index=False)
+            (d / "seeds").mkdir(parents=True) or d / "seeds" / "threshold_sweep.csv", index=False
+        )
         _write(d / "crf" / "metrics.csv", miou=0.45)
         _write(d / "irn" / "ir_labels" / "metrics.csv", confident_pixel_accuracy=0.9, coverage=0.6, miou_confident=0.5)
         _write(d / "irn" / "masks" / "metrics.csv", miou=0.5)
@@ -81,8 +82,14 @@ def test_ablation_mean_and_std_over_seeds(tmp_path):
 
 def test_write_summary_files(tmp_path):
     fake_experiment(tmp_path, "weak/s0", 0.6)
-    write_summary(tmp_path, ["weak/s0"], tmp_path / "t" / "summary.csv", tmp_path / "t" / "summary.md",
-                  ablation_csv=tmp_path / "t" / "ablation.csv", ablation_md=tmp_path / "t" / "ablation.md")
+    write_summary(
+        tmp_path,
+        ["weak/s0"],
+        tmp_path / "t" / "summary.csv",
+        tmp_path / "t" / "summary.md",
+        ablation_csv=tmp_path / "t" / "ablation.csv",
+        ablation_md=tmp_path / "t" / "ablation.md",
+    )
     assert (tmp_path / "t" / "ablation.csv").exists() and (tmp_path / "t" / "ablation.md").exists()
     assert pd.read_csv(tmp_path / "t" / "summary.csv")["deeplab_miou"].iloc[0] == 0.6
     assert (tmp_path / "t" / "summary.md").read_text().startswith("| experiment | seed |")

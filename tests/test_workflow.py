@@ -18,7 +18,9 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     return proc
 
 
@@ -79,12 +81,25 @@ def test_tiny_preset_end_to_end(tiny_run):
     """Full tiny DAG; a second run does nothing; deleting one output reruns only what depends on it."""
     tmp_path = tiny_run
     res = tmp_path / "results" / "synthetic-tiny"
-    for f in ["stats.csv", "montage.png", "labels.csv", "baseline/s0/classifier/model.pt",
-              "baseline/s0/cams/shard-1-of-2.h5", "baseline/s0/cams/shard-2-of-2.h5",
-              "baseline/s0/seeds/threshold_sweep.csv", "baseline/s0/seeds/gallery.png", "baseline/s0/crf/metrics.csv",
-              "baseline/s0/irn/ir_labels/metrics.csv", "baseline/s0/irn/model.pt", "baseline/s0/irn/masks/metrics.csv",
-              "baseline/s0/deeplab/model.pt", "baseline/s0/deeplab/metrics.csv", "baseline/s0/deeplab/gallery.png",
-              "tables/summary.csv", "tables/summary.md"]:
+    for f in [
+        "stats.csv",
+        "montage.png",
+        "labels.csv",
+        "baseline/s0/classifier/model.pt",
+        "baseline/s0/cams/shard-1-of-2.h5",
+        "baseline/s0/cams/shard-2-of-2.h5",
+        "baseline/s0/seeds/threshold_sweep.csv",
+        "baseline/s0/seeds/gallery.png",
+        "baseline/s0/crf/metrics.csv",
+        "baseline/s0/irn/ir_labels/metrics.csv",
+        "baseline/s0/irn/model.pt",
+        "baseline/s0/irn/masks/metrics.csv",
+        "baseline/s0/deeplab/model.pt",
+        "baseline/s0/deeplab/metrics.csv",
+        "baseline/s0/deeplab/gallery.png",
+        "tables/summary.csv",
+        "tables/summary.md",
+    ]:
         assert (res / f).exists(), f
     import pandas as pd
 
@@ -122,9 +137,59 @@ def test_tiny_preset_end_to_end(tiny_run):
     out = snakemake(tmp_path, "--configfile", str(TINY), "-n", "-R", "cam_shard").stdout
     counts = job_counts(out)
     assert counts["cam_shard"] == 2, out
-    assert {"cam_shard", "seed_eval", "crf_shard", "ir_labels_shard", "irn_masks_shard", "train_deeplab",
-            "summary_table", "dataset_stats"} <= set(counts), out
+    assert {
+        "cam_shard",
+        "seed_eval",
+        "crf_shard",
+        "ir_labels_shard",
+        "irn_masks_shard",
+        "train_deeplab",
+        "summary_table",
+        "dataset_stats",
+    } <= set(counts), out
     assert "train_classifier" not in counts and "synthetic_dataset" not in counts, out
+
+
+@pytest.mark.slow
+def test_affinitynet_masks_on_the_tiny_run(tiny_run, tmp_path):
+    """``deeplab.pseudo_masks: affinitynet`` on the finished tiny run: the AffinityNet jobs (labels,
+    training, masks, evaluation) reuse its classifier and CAMs and give masks with an mIoU in
+    [0, 1]; the run stays complete and current for the tiny config."""
+    import pandas as pd
+
+    extra = tmp_path / "affinitynet.yaml"
+    extra.write_text("deeplab: {pseudo_masks: affinitynet}\n")
+    target = f"{RUN}/affinitynet/masks/metrics.csv"
+    out = snakemake(tiny_run, "--configfile", str(TINY), str(extra), "-n", target).stdout
+    assert job_counts(out) == {
+        "affinity_labels_shard": 2,
+        "train_affinitynet": 1,
+        "affinitynet_masks_shard": 2,
+        "eval_masks": 1,
+    }, out
+    snakemake(tiny_run, "--configfile", str(TINY), str(extra), "--cores", "2", "--show-failed-logs", target)
+    metrics = pd.read_csv(tiny_run / target)
+    assert metrics["kind"].iloc[0] == "affinitynet" and 0 <= metrics["miou"].iloc[0] <= 1, metrics
+    assert (tiny_run / RUN / "affinitynet" / "model.pt").exists()
+    assert not list((tiny_run / RUN / "affinitynet").glob("**/*.journal")), "finished jobs leave no journal"
+    assert "Nothing to be done" in (p := snakemake(tiny_run, "--configfile", str(TINY), "-n")).stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_ablation_over_seeds_on_the_tiny_run(tiny_run):
+    """A second seed of the finished tiny run gives the ablation table (mean ± std over seeds): only
+    the new seed's jobs run, seed 0 is reused. (Rows of several experiments: tests/test_tables.py.)"""
+    import pandas as pd
+
+    extra = ["--configfile", str(TINY), str(REPO / "tests" / "configs" / "ablation_tiny.yaml")]
+    counts = job_counts(snakemake(tiny_run, *extra, "-n").stdout)
+    assert counts.get("train_classifier") == 1 and counts.get("train_deeplab") == 1, counts
+    snakemake(tiny_run, *extra, "--cores", "2")
+    res = tiny_run / "results" / "synthetic-tiny"
+    ab = pd.read_csv(res / "tables" / "ablation.csv").set_index("experiment")
+    assert list(ab.index) == ["baseline"] and (ab["n_seeds"] == 2).all()
+    assert ab["seed_miou_std"].notna().all() and ab["deeplab_miou_mean"].notna().all()
+    assert "±" in (res / "tables" / "ablation.md").read_text()
 
 
 # faults a user causes on a finished run: none may give a silently wrong result
@@ -151,14 +216,26 @@ def test_forced_rerun_after_a_model_change_rewrites_predictions(tiny_run):
     # a different model in place (as after retraining): every pixel goes to class 2
     model = run / "deeplab" / "model.pt"
     state = torch.load(model, map_location="cpu", weights_only=True)
-    num_classes = len(pd.read_csv(tiny_run / "results" / "synthetic-tiny" / "labels.csv", nrows=1).columns)  # image_id + fg
+    num_classes = len(
+        pd.read_csv(tiny_run / "results" / "synthetic-tiny" / "labels.csv", nrows=1).columns
+    )  # image_id + fg
     biases = [k for k, v in state["model"].items() if k.endswith("bias") and v.ndim == 1 and v.numel() == num_classes]
     assert biases, f"no classifier bias of {num_classes} classes found in the DeepLab model"
     for k in biases:
         state["model"][k] = torch.full_like(state["model"][k], -100.0)
         state["model"][k][2] = 100.0
     torch.save(state, model)
-    snakemake(tiny_run, "--configfile", str(TINY), "--cores", "2", "--show-failed-logs", "-R", "deeplab_predict_shard", f"{RUN}/deeplab/metrics.csv")
+    snakemake(
+        tiny_run,
+        "--configfile",
+        str(TINY),
+        "--cores",
+        "2",
+        "--show-failed-logs",
+        "-R",
+        "deeplab_predict_shard",
+        f"{RUN}/deeplab/metrics.csv",
+    )
 
     after = {i: read_label_png(pred_dir / f"{i}.png") for i in ids}
     assert all((a == 2).all() for a in after.values()), "predictions are not the new model's"
@@ -183,7 +260,18 @@ def test_damaged_cam_shard_names_file_and_image(tiny_run):
     data[offset + 10] ^= 0xFF
     shard.write_bytes(bytes(data))
     try:
-        proc = snakemake(tiny_run, "--configfile", str(TINY), "--cores", "2", "--show-failed-logs", "-R", "seed_eval", f"{RUN}/seeds/threshold_sweep.csv", check=False)
+        proc = snakemake(
+            tiny_run,
+            "--configfile",
+            str(TINY),
+            "--cores",
+            "2",
+            "--show-failed-logs",
+            "-R",
+            "seed_eval",
+            f"{RUN}/seeds/threshold_sweep.csv",
+            check=False,
+        )
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0
         assert "shard-2-of-2.h5" in out and image_id in out and "DataError" in out, out[-3000:]
@@ -203,7 +291,16 @@ def test_nan_label_stops_training_naming_file_row_and_column(tiny_run):
     original = labels.read_bytes()
     labels.write_text("\n".join(lines) + "\n")
     try:
-        proc = snakemake(tiny_run, "--configfile", str(TINY), "--cores", "2", "--show-failed-logs", f"{RUN}/deeplab/metrics.csv", check=False)
+        proc = snakemake(
+            tiny_run,
+            "--configfile",
+            str(TINY),
+            "--cores",
+            "2",
+            "--show-failed-logs",
+            f"{RUN}/deeplab/metrics.csv",
+            check=False,
+        )
         out = proc.stdout + proc.stderr
         assert proc.returncode != 0
         assert "labels.csv" in out and "line 4" in out and repr(header[2]) in out and "0 or 1" in out, out[-3000:]
@@ -211,40 +308,10 @@ def test_nan_label_stops_training_naming_file_row_and_column(tiny_run):
         labels.write_bytes(original)
 
 
-@pytest.mark.slow
-def test_affinitynet_masks_on_the_tiny_run(tiny_run, tmp_path):
-    """``deeplab.pseudo_masks: affinitynet`` on the finished tiny run: the AffinityNet jobs (labels,
-    training, masks, evaluation) reuse its classifier and CAMs and give masks with an mIoU in
-    [0, 1]; the run stays complete and current for the tiny config."""
-    import pandas as pd
-
-    extra = tmp_path / "affinitynet.yaml"
-    extra.write_text("deeplab: {pseudo_masks: affinitynet}\n")
-    target = f"{RUN}/affinitynet/masks/metrics.csv"
-    out = snakemake(tiny_run, "--configfile", str(TINY), str(extra), "-n", target).stdout
-    assert job_counts(out) == {"affinity_labels_shard": 2, "train_affinitynet": 1, "affinitynet_masks_shard": 2, "eval_masks": 1}, out
-    snakemake(tiny_run, "--configfile", str(TINY), str(extra), "--cores", "2", "--show-failed-logs", target)
-    metrics = pd.read_csv(tiny_run / target)
-    assert metrics["kind"].iloc[0] == "affinitynet" and 0 <= metrics["miou"].iloc[0] <= 1, metrics
-    assert (tiny_run / RUN / "affinitynet" / "model.pt").exists()
-    assert not list((tiny_run / RUN / "affinitynet").glob("**/*.journal")), "finished jobs leave no journal"
-    assert "Nothing to be done" in (p := snakemake(tiny_run, "--configfile", str(TINY), "-n")).stdout + p.stderr
-
-
 def test_ablation_preset_dry_run(tmp_path):
     """configs/ablations.yaml (KTSE Table 6, AEFT Table 2, HFPL Table 4 rows x 3 seeds) builds its DAG."""
-    out = snakemake(tmp_path, "--configfile", str(REPO / "config.yaml"), str(REPO / "configs" / "ablations.yaml"), "-n").stdout
+    out = snakemake(
+        tmp_path, "--configfile", str(REPO / "config.yaml"), str(REPO / "configs" / "ablations.yaml"), "-n"
+    ).stdout
     counts = job_counts(out)
     assert counts["train_classifier"] == (16 + 1) * 3 and counts["summary_table"] == 1, out  # + config.yaml's baseline
-
-
-@pytest.mark.slow
-def test_ablation_on_tiny_dataset(tmp_path):
-    """Two experiments x two seeds on the tiny preset give the ablation table (mean ± std)."""
-    import pandas as pd
-
-    snakemake(tmp_path, "--configfile", str(TINY), str(REPO / "tests" / "configs" / "ablation_tiny.yaml"), "--cores", "2")
-    ab = pd.read_csv(tmp_path / "results" / "synthetic-tiny" / "tables" / "ablation.csv").set_index("experiment")
-    assert sorted(ab.index) == ["baseline", "isl"] and (ab["n_seeds"] == 2).all()
-    assert ab["seed_miou_std"].notna().all() and ab["deeplab_miou_mean"].notna().all()
-    assert "±" in (tmp_path / "results" / "synthetic-tiny" / "tables" / "ablation.md").read_text()

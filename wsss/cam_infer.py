@@ -78,7 +78,12 @@ def strided_size(size: Tuple[int, int], stride: int) -> Tuple[int, int]:
 
 @torch.no_grad()
 def fused_cams(
-    method: Method, views: Sequence[torch.Tensor], size: Tuple[int, int], keys: np.ndarray, normalisation: str, device: torch.device,
+    method: Method,
+    views: Sequence[torch.Tensor],
+    size: Tuple[int, int],
+    keys: np.ndarray,
+    normalisation: str,
+    device: torch.device,
     upsample: str = "relu_then_raw",
 ):
     """Fuse the multi-scale (flip-pair) views of one image into (``cam``, ``high_res``) numpy maps;
@@ -106,7 +111,14 @@ def fused_cams(
 
 
 @torch.no_grad()
-def _fused_raw_then_relu(method: Method, views: Sequence[torch.Tensor], size: Tuple[int, int], keys: np.ndarray, normalisation: str, device: torch.device):
+def _fused_raw_then_relu(
+    method: Method,
+    views: Sequence[torch.Tensor],
+    size: Tuple[int, int],
+    keys: np.ndarray,
+    normalisation: str,
+    device: torch.device,
+):
     """``raw_then_relu`` fusion: per view ``relu(bilinear(raw CAM, map size))``, flip undone, summed."""
     low_size = strided_size(size, 4)
     keys_t = torch.as_tensor(keys, dtype=torch.long, device=device)
@@ -157,12 +169,22 @@ def infer_cams(
     dataset = MultiScaleSet(ds, ids, labels, scales, flip)
     loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=identity_collate)
     with CamShardWriter(
-        out_path, config=resolved_config, scales=scales, normalisation=normalisation,
-        shard_index=shard_index, num_shards=num_shards, num_classes=ds.num_fg_classes, skipped=skipped,
+        out_path,
+        config=resolved_config,
+        scales=scales,
+        normalisation=normalisation,
+        shard_index=shard_index,
+        num_shards=num_shards,
+        num_classes=ds.num_fg_classes,
+        skipped=skipped,
     ) as writer:
-        for (sample,) in tqdm(loader, desc=f"CAM shard {shard_index + 1}/{num_shards}", disable=not progress, mininterval=2.0):
+        for (sample,) in tqdm(
+            loader, desc=f"CAM shard {shard_index + 1}/{num_shards}", disable=not progress, mininterval=2.0
+        ):
             keys = np.nonzero(sample["label"])[0]
-            low, high = fused_cams(method, sample["views"], tuple(sample["size"]), keys, normalisation, device, upsample)
+            low, high = fused_cams(
+                method, sample["views"], tuple(sample["size"]), keys, normalisation, device, upsample
+            )
             writer.add(sample["id"], keys, low, high)
     log.info("wrote %d CAMs to %s", len(ids), out_path)
     return Path(out_path)

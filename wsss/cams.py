@@ -132,7 +132,9 @@ def _check_keys(keys: np.ndarray, num_classes: Optional[int]) -> Optional[str]:
     return None
 
 
-def _check_group(path: Path, image_id: str, g: h5py.Group, num_classes: Optional[int]) -> Tuple[np.ndarray, Tuple[int, int]]:
+def _check_group(
+    path: Path, image_id: str, g: h5py.Group, num_classes: Optional[int]
+) -> Tuple[np.ndarray, Tuple[int, int]]:
     """Read and check one image group's ``keys`` and the map shapes; returns (keys, (H, W)).
 
     Damage (a failed checksum, bad keys, shapes that disagree) raises :class:`DataError` naming
@@ -283,9 +285,13 @@ class CamShardWriter:
         image_id = _check_image_id(image_id)
         keys_arr = np.asarray(keys)
         if keys_arr.ndim != 1 or not (np.issubdtype(keys_arr.dtype, np.integer) or keys_arr.size == 0):
-            raise ValueError(f"image {image_id!r}: keys must be a 1-D integer array, got {keys_arr.dtype} {keys_arr.shape}")
+            raise ValueError(
+                f"image {image_id!r}: keys must be a 1-D integer array, got {keys_arr.dtype} {keys_arr.shape}"
+            )
         if keys_arr.size and (keys_arr.min() < 0 or keys_arr.max() > np.iinfo(np.int16).max):
-            raise ValueError(f"image {image_id!r}: keys must be 0-based foreground class indices, got {keys_arr.tolist()}")
+            raise ValueError(
+                f"image {image_id!r}: keys must be 0-based foreground class indices, got {keys_arr.tolist()}"
+            )
         if keys_arr.size and self.num_classes is not None and keys_arr.max() >= self.num_classes:
             raise ValueError(
                 f"image {image_id!r}: keys {keys_arr.tolist()} must be < num_classes ({self.num_classes} foreground classes)"
@@ -444,7 +450,9 @@ class CamStore:
                 f = self._files[i] = h5py.File(path, "r")
             return f[image_id]
         except (OSError, KeyError) as e:
-            raise DataError(f"CAM shard {path}, image {image_id!r}: cannot open the image group ({e}); the file is damaged") from e
+            raise DataError(
+                f"CAM shard {path}, image {image_id!r}: cannot open the image group ({e}); the file is damaged"
+            ) from e
 
     def get(self, image_id: str, fields: Sequence[str] = ("keys", "high_res")) -> CamRecord:
         """Read only ``fields`` (a subset of ``keys``, ``cam``, ``high_res``); the others are None.
@@ -523,8 +531,12 @@ def merge_shards(paths: Sequence[str | os.PathLike], out_path: str | os.PathLike
                 f"{store.shard_info} from {', '.join(map(str, store.paths))}"
             )
         writer = CamShardWriter(
-            out_path, config=store.config, scales=store.attrs["scales"], normalisation=store.attrs["normalisation"],
-            num_classes=store.num_classes, skipped=sorted(store.skipped),
+            out_path,
+            config=store.config,
+            scales=store.attrs["scales"],
+            normalisation=store.attrs["normalisation"],
+            num_classes=store.num_classes,
+            skipped=sorted(store.skipped),
         )
         writer._attrs["package_version"] = store.attrs["package_version"]  # keep the producing version
         writer._attrs["format_version"] = min(store.format_versions)

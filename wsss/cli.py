@@ -50,9 +50,13 @@ def config_files(configfile: Optional[Sequence[str]], no_config: bool = False) -
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--configfile", nargs="+", metavar="FILE",
-                   help="the config files given to snakemake --configfile; as in snakemake they are merged in "
-                        f"order onto the Snakefile's {DEFAULT_CONFIG}, which is read in any case")
+    g.add_argument(
+        "--configfile",
+        nargs="+",
+        metavar="FILE",
+        help="the config files given to snakemake --configfile; as in snakemake they are merged in "
+        f"order onto the Snakefile's {DEFAULT_CONFIG}, which is read in any case",
+    )
     g.add_argument("--no-config", action="store_true", help="read no config file")
 
 
@@ -66,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     st = sub.add_parser(
-        "status", help="list outputs made by another package version or config (exit 1 if any is stale)",
+        "status",
+        help="list outputs made by another package version or config (exit 1 if any is stale)",
         description="List the outputs under the results folder with the package version and config hash that made "
-                    "them, compared with this package's version and the current config of each stage. Snakemake "
-                    "does not rerun jobs when code in wsss/ changes; this says which outputs predate it. "
-                    "Exit code 0 when every output is current, 1 when some output is stale, 2 on an error.",
+        "them, compared with this package's version and the current config of each stage. Snakemake "
+        "does not rerun jobs when code in wsss/ changes; this says which outputs predate it. "
+        "Exit code 0 when every output is current, 1 when some output is stale, 2 on an error.",
     )
     st.add_argument("--results", default="results", help="the results folder (default: results)")
     _add_config_args(st)
@@ -78,15 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=cmd_status)
 
     sh = sub.add_parser(
-        "show", help="write one image's panel: image, GT, CAM, seeds, CRF, IRN, ... of one run",
+        "show",
+        help="write one image's panel: image, GT, CAM, seeds, CRF, IRN, ... of one run",
         description="Write one PNG with the image, its ground truth, its CAM and every mask the run made for it "
-                    "(seeds, CRF, IR labels, IRN, DeepLab), each panel only where the output exists.",
+        "(seeds, CRF, IR labels, IRN, DeepLab), each panel only where the output exists.",
     )
     sh.add_argument("image_id", help="image id, as in the dataset's image lists (e.g. 2007_000032, syn_000405)")
     sh.add_argument("--results", default="results", help="the results folder (default: results)")
     sh.add_argument("--dataset", help="dataset folder under results (default: the config's, or the only one there)")
-    sh.add_argument("--experiment", metavar="RUN",
-                    help="run <experiment>/s<seed>, e.g. baseline/s0 (default: the config's first run, or the only one)")
+    sh.add_argument(
+        "--experiment",
+        metavar="RUN",
+        help="run <experiment>/s<seed>, e.g. baseline/s0 (default: the config's first run, or the only one)",
+    )
     sh.add_argument("--out", help="output PNG (default: <image_id>_panel.png)")
     sh.add_argument("--per-class", action="store_true", help="one CAM panel per present class instead of their maximum")
     sh.add_argument("--tile", type=int, default=256, help="panel size in pixels (default: 256)")
@@ -140,11 +149,15 @@ def cmd_show(args: argparse.Namespace) -> int:
             raise CliError(f"give --dataset: {results} holds {', '.join(tags) if tags else 'no dataset folders'}")
         tag = tags[0]
     if not (results / tag).is_dir():
-        raise CliError(f"no results for dataset {tag!r}: {results / tag} does not exist (found: {', '.join(dataset_tags(results)) or 'none'})")
+        raise CliError(
+            f"no results for dataset {tag!r}: {results / tag} does not exist (found: {', '.join(dataset_tags(results)) or 'none'})"
+        )
     available = runs_in(results / tag)
     run = args.experiment
     if run is None:
-        configured = [r for r in run_names(cfg) if r in available] if cfg is not None and dataset_tag(cfg) == tag else []
+        configured = (
+            [r for r in run_names(cfg) if r in available] if cfg is not None and dataset_tag(cfg) == tag else []
+        )
         if configured:
             run = configured[0]
         elif len(available) == 1:
@@ -157,14 +170,23 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     data_cfg = cfg if cfg is not None and dataset_tag(cfg) == tag else recorded_config(run_dir)
     if data_cfg is None:
-        raise CliError(f"cannot tell where the images of {results / tag} are: give --configfile "
-                       f"(no output of {run_dir} records its config)")
+        raise CliError(
+            f"cannot tell where the images of {results / tag} are: give --configfile "
+            f"(no output of {run_dir} records its config)"
+        )
     from .data import open_dataset
 
     ds = open_dataset(data_cfg)
     out = Path(args.out or f"{args.image_id}_panel.png")
-    panels = write_image_panel(ds, run_dir, args.image_id, out, per_class=args.per_class, tile=args.tile,
-                               caption=f"{args.image_id} - {tag}/{run}")
+    panels = write_image_panel(
+        ds,
+        run_dir,
+        args.image_id,
+        out,
+        per_class=args.per_class,
+        tile=args.tile,
+        caption=f"{args.image_id} - {tag}/{run}",
+    )
     print(f"wrote {out}: {', '.join(panels.titles)}")
     for note in panels.notes:
         print(f"  not shown: {note}")

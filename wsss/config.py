@@ -85,8 +85,13 @@ def validate_config(config: Mapping[str, Any], extra_checks: bool = True) -> Dic
     if not isinstance(config, Mapping):
         raise ConfigError(f"the config must be a mapping, got {type(config).__name__}")
     cfg = copy.deepcopy(dict(config))
-    problems = [(_key_path(path), f"config key '{_key_path(path)}': {v!r} is not a finite number (NaN and infinities are not allowed)")
-                for path, v in _non_finite(cfg, [])]
+    problems = [
+        (
+            _key_path(path),
+            f"config key '{_key_path(path)}': {v!r} is not a finite number (NaN and infinities are not allowed)",
+        )
+        for path, v in _non_finite(cfg, [])
+    ]
     errors = sorted(_validator().iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
     problems += [(_key_path(e.absolute_path), _format_error(e)) for e in errors]
     if not errors:
@@ -113,7 +118,12 @@ def _non_finite(value: Any, path: List[Any]) -> Iterable[tuple]:
 
 
 #: Two-element ``[min, max]`` ranges of the schema (lower bounds of the items are in the schema).
-RANGE_KEYS = (("classifier", "resize_long"), ("deeplab", "scale_range"), ("deeplab", "ratio_range"), ("irn.train", "rescale"))
+RANGE_KEYS = (
+    ("classifier", "resize_long"),
+    ("deeplab", "scale_range"),
+    ("deeplab", "ratio_range"),
+    ("irn.train", "rescale"),
+)
 #: Sections (dotted keys) with value relations the schema cannot express (:func:`_section_problems`).
 RELATION_SECTIONS = ("classifier", "deeplab", "irn.ir_label", "irn.train")
 
@@ -130,7 +140,10 @@ def _section_problems(sec: str, s: Mapping[str, Any]) -> List[tuple]:
         if where == sec and s[name][0] > s[name][1]:
             bad(f"{sec}.{name}", f"{s[name]!r} is not a range [min, max] with min <= max")
     if sec == "deeplab" and s["augment"] == "resized_crop" and s["scale_range"][1] > 1:
-        bad("deeplab.scale_range", f"{s['scale_range']!r}: with augment 'resized_crop' it is an area fraction, so max must be <= 1")
+        bad(
+            "deeplab.scale_range",
+            f"{s['scale_range']!r}: with augment 'resized_crop' it is an area fraction, so max must be <= 1",
+        )
     if sec == "classifier" and s["color_jitter"] is not None and s["color_jitter"][3] > 0.5:
         bad("classifier.color_jitter", f"{s['color_jitter']!r}: the hue strength (4th value) must be <= 0.5")
     if sec == "irn.ir_label" and s["bg_thresh"] > s["fg_thresh"]:
@@ -173,8 +186,13 @@ def validate_section(key: str, values: Optional[Mapping[str, Any]] = None) -> Di
     validator = _section_validator(key)
     prefix = key.split(".")
     s = copy.deepcopy(dict(values or {}))
-    problems = [(_key_path(prefix + path), f"config key '{_key_path(prefix + path)}': {v!r} is not a finite number (NaN and infinities are not allowed)")
-                for path, v in _non_finite(s, [])]
+    problems = [
+        (
+            _key_path(prefix + path),
+            f"config key '{_key_path(prefix + path)}': {v!r} is not a finite number (NaN and infinities are not allowed)",
+        )
+        for path, v in _non_finite(s, [])
+    ]
     errors = sorted(validator.iter_errors(s), key=lambda e: list(map(str, e.absolute_path)))
     problems += [(_key_path(prefix + list(e.absolute_path)), _format_error(e, prefix)) for e in errors]
     if not errors and key in RELATION_SECTIONS:
@@ -201,7 +219,9 @@ def _check_names(cfg: Dict[str, Any]) -> None:
         (f"experiments.{n}.classifier", o.get("classifier", {})) for n, o in cfg["experiments"].items()
     ]:
         if "method" in c and c["method"] not in list_methods():
-            raise ConfigError(f"config key '{where}.method': unknown method {c['method']!r}; valid: {', '.join(list_methods())}")
+            raise ConfigError(
+                f"config key '{where}.method': unknown method {c['method']!r}; valid: {', '.join(list_methods())}"
+            )
         if "backbone" in c and c["backbone"] not in list_backbones():
             raise ConfigError(
                 f"config key '{where}.backbone': unknown backbone {c['backbone']!r}; valid: {', '.join(list_backbones())}"
@@ -212,7 +232,11 @@ def _check_names(cfg: Dict[str, Any]) -> None:
     for where, c in [("affinitynet", cfg["affinitynet"])] + [
         (f"experiments.{n}.affinitynet", o.get("affinitynet", {})) for n, o in cfg["experiments"].items()
     ]:
-        for sub, cls in (("label", AffinityLabelParams), ("train", AffinityTrainParams), ("infer", AffinityInferParams)):
+        for sub, cls in (
+            ("label", AffinityLabelParams),
+            ("train", AffinityTrainParams),
+            ("infer", AffinityInferParams),
+        ):
             if isinstance(c.get(sub), Mapping):
                 try:
                     cls.from_mapping(c[sub])
@@ -221,7 +245,9 @@ def _check_names(cfg: Dict[str, Any]) -> None:
 
     fs = cfg["tables"]["fully_supervised"]
     if fs is not None and fs not in cfg["experiments"]:
-        raise ConfigError(f"config key 'tables.fully_supervised': {fs!r} is not an experiment; configured: {sorted(cfg['experiments'])}")
+        raise ConfigError(
+            f"config key 'tables.fully_supervised': {fs!r} is not an experiment; configured: {sorted(cfg['experiments'])}"
+        )
 
     unknown = sorted(set(cfg["synthetic"]["overrides"]) - set(synthetic.PRESETS[cfg["synthetic"]["preset"]]))
     if unknown:
@@ -292,8 +318,12 @@ def _backbone_summary(name: str, options_json: str) -> Dict[str, Any]:
     if "trainable_from" in kwargs and kwargs["trainable_from"] is None:
         kwargs["trainable_from"] = "all"  # as build_backbone
     bb = _meta_build(lambda: BACKBONES.build(name, **kwargs))
-    return {"resnet": isinstance(bb, ResNet), "tap_strides": dict(bb.tap_strides), "output_stride": bb.output_stride,
-            "shapes": {k: tuple(v.shape) for k, v in bb.state_dict().items()}}
+    return {
+        "resnet": isinstance(bb, ResNet),
+        "tap_strides": dict(bb.tap_strides),
+        "output_stride": bb.output_stride,
+        "shapes": {k: tuple(v.shape) for k, v in bb.state_dict().items()},
+    }
 
 
 def _check_pretrained(key: str, spec: Any, backbone: str, also: tuple = ()) -> None:
@@ -317,7 +347,9 @@ def _check_pretrained(key: str, spec: Any, backbone: str, also: tuple = ()) -> N
         tag = weights.IMAGENET_SPECS[spec]
         if tag not in enum_cls.__members__:
             have = ", ".join(n for n, t in weights.IMAGENET_SPECS.items() if t in enum_cls.__members__)
-            raise ConfigError(f"config key '{key}': torchvision has no {spec} ({tag}) weights for backbone {backbone!r}; valid: {have}")
+            raise ConfigError(
+                f"config key '{key}': torchvision has no {spec} ({tag}) weights for backbone {backbone!r}; valid: {have}"
+            )
         return
     if not isinstance(spec, str) or not Path(spec).expanduser().is_file():
         valid = ", ".join(PRETRAINED_NAMES + tuple(also))
@@ -335,9 +367,21 @@ def _check_classifier(c: Mapping[str, Any]) -> None:
 
         isl = opts.pop("islfsl", None) or {}
         if not isinstance(isl, Mapping):
-            raise ConfigError(f"config key 'classifier.method_options.islfsl': expected a mapping of ISL/FSL options, got {isl!r}")
-        _check_option_names("classifier.method_options.islfsl", isl, _option_names(ISLFSL.__init__, ("self", "base")), " of the ISL/FSL add-on")
-    _check_option_names("classifier.method_options", opts, _option_names(METHODS.get(base), ("num_classes", "backbone")), f" of method {base!r}")
+            raise ConfigError(
+                f"config key 'classifier.method_options.islfsl': expected a mapping of ISL/FSL options, got {isl!r}"
+            )
+        _check_option_names(
+            "classifier.method_options.islfsl",
+            isl,
+            _option_names(ISLFSL.__init__, ("self", "base")),
+            " of the ISL/FSL add-on",
+        )
+    _check_option_names(
+        "classifier.method_options",
+        opts,
+        _option_names(METHODS.get(base), ("num_classes", "backbone")),
+        f" of method {base!r}",
+    )
 
     try:
         _backbone_summary(c["backbone"], _cache_key(c["backbone_options"]))
@@ -351,12 +395,16 @@ def _check_irn_backbone(train: Mapping[str, Any], classifier: Mapping[str, Any])
 
     name = train["backbone"]
     if name not in list_backbones():
-        raise ConfigError(f"config key 'irn.train.backbone': unknown backbone {name!r}; valid: {', '.join(list_backbones())}")
+        raise ConfigError(
+            f"config key 'irn.train.backbone': unknown backbone {name!r}; valid: {', '.join(list_backbones())}"
+        )
     summary = _backbone_summary(name, "{}")
     st = summary["tap_strides"]
     if not summary["resnet"] or st.get("stage1") != 4 or st.get("stage2") != 8:
         valid = [b for b in list_backbones() if _backbone_summary(b, "{}")["resnet"]]
-        raise ConfigError(f"config key 'irn.train.backbone': IRN needs a ResNet backbone, got {name!r}; valid: {', '.join(valid)}")
+        raise ConfigError(
+            f"config key 'irn.train.backbone': IRN needs a ResNet backbone, got {name!r}; valid: {', '.join(valid)}"
+        )
     pretrained = train["pretrained"]
     _check_pretrained("irn.train.pretrained", pretrained, name, also=("classifier",))
     if pretrained == "classifier":
@@ -378,7 +426,9 @@ def _check_affinitynet_backbone(train: Mapping[str, Any], classifier: Mapping[st
 
     name = train["backbone"]
     if name not in list_backbones():
-        raise ConfigError(f"config key 'affinitynet.train.backbone': unknown backbone {name!r}; valid: {', '.join(list_backbones())}")
+        raise ConfigError(
+            f"config key 'affinitynet.train.backbone': unknown backbone {name!r}; valid: {', '.join(list_backbones())}"
+        )
     _check_pretrained("affinitynet.train.pretrained", train["pretrained"], name, also=("classifier",))
     if train["pretrained"] == "classifier":
         # the workflow loads the classifier's trained backbone into the AffinityNet backbone
@@ -399,9 +449,13 @@ def _check_deeplab(d: Mapping[str, Any]) -> None:
     from .seg.models import list_seg_models
 
     if d["model"] not in list_seg_models():
-        raise ConfigError(f"config key 'deeplab.model': unknown model {d['model']!r}; valid: {', '.join(list_seg_models())}")
+        raise ConfigError(
+            f"config key 'deeplab.model': unknown model {d['model']!r}; valid: {', '.join(list_seg_models())}"
+        )
     if d["backbone"] not in list_backbones():
-        raise ConfigError(f"config key 'deeplab.backbone': unknown backbone {d['backbone']!r}; valid: {', '.join(list_backbones())}")
+        raise ConfigError(
+            f"config key 'deeplab.backbone': unknown backbone {d['backbone']!r}; valid: {', '.join(list_backbones())}"
+        )
     problem = _seg_model_problem(d["model"], d["backbone"], d["freeze_bn"], _cache_key(d["model_options"]))
     if problem:
         if _seg_model_problem(d["model"], d["backbone"], d["freeze_bn"], "{}"):
@@ -418,7 +472,11 @@ def _seg_model_problem(model: str, backbone: str, freeze_bn: bool, options_json:
 
     options = json.loads(options_json)
     try:
-        _meta_build(lambda: SEG_MODELS.build(model, num_classes=2, backbone=backbone, pretrained="none", freeze_bn=freeze_bn, **options))
+        _meta_build(
+            lambda: SEG_MODELS.build(
+                model, num_classes=2, backbone=backbone, pretrained="none", freeze_bn=freeze_bn, **options
+            )
+        )
     except (TypeError, ValueError, KeyError) as e:
         return f"{model} with backbone {backbone!r}: {e.args[0] if e.args else e}"
     return None
@@ -434,7 +492,9 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, An
     """``base`` with ``over`` merged in recursively (mappings merge, anything else replaces)."""
     out = copy.deepcopy(dict(base))
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
+        out[k] = (
+            deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
+        )
     return out
 
 

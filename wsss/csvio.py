@@ -68,7 +68,9 @@ def read_csv_checked(
     path = Path(path)
     text = _read_text(path, what)
     if not text.strip():
-        raise DataError(f"{what} {path} is empty (no header, no rows); the job that wrote it may have been killed: rerun it")
+        raise DataError(
+            f"{what} {path} is empty (no header, no rows); the job that wrote it may have been killed: rerun it"
+        )
     if not text.endswith("\n"):
         raise DataError(
             f"{what} {path} ends mid-line (no final newline): the file was cut while being written; rerun the job that writes it"
@@ -78,7 +80,7 @@ def read_csv_checked(
     lines = []
     for line, fields in records[1:]:
         if len(fields) != len(header):
-            missing = header[len(fields):]
+            missing = header[len(fields) :]
             detail = f"; no value for column(s) {missing}" if missing else ""
             raise DataError(
                 f"{what} {path}, line {line}: {len(fields)} field(s) but the header (line {header_line}) has "
@@ -86,7 +88,9 @@ def read_csv_checked(
             )
         lines.append(line)
     if not lines:
-        raise DataError(f"{what} {path} has a header but no data rows; the job that wrote it may have been killed: rerun it")
+        raise DataError(
+            f"{what} {path} has a header but no data rows; the job that wrote it may have been killed: rerun it"
+        )
     try:
         df = pd.read_csv(io.StringIO(text), sep=sep)
     except (ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError

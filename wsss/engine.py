@@ -260,7 +260,10 @@ def train(
     method.to(device)
 
     n = len(train_set)
-    epoch_steps = [rank_steps_per_epoch(n, method.batch_size_for_epoch(e, cfg.batch_size), cfg.drop_last, world) for e in range(cfg.epochs)]
+    epoch_steps = [
+        rank_steps_per_epoch(n, method.batch_size_for_epoch(e, cfg.batch_size), cfg.drop_last, world)
+        for e in range(cfg.epochs)
+    ]
     max_step = sum(epoch_steps)
     if max_step == 0:
         raise ValueError(f"{n} training images give no full batch of {cfg.batch_size}; lower classifier.batch_size")
@@ -303,24 +306,42 @@ def train(
         for epoch in range(start_epoch, cfg.epochs):
             if stop_after_epochs is not None and epoch >= start_epoch + stop_after_epochs:
                 return ckpt_path
-            torch.manual_seed(cfg.seed * 1000003 + epoch + 7919 * rank)  # dropout etc.: a function of (seed, epoch, rank)
+            torch.manual_seed(
+                cfg.seed * 1000003 + epoch + 7919 * rank
+            )  # dropout etc.: a function of (seed, epoch, rank)
             if hasattr(train_set, "set_epoch"):
                 train_set.set_epoch(epoch)
             bs = method.batch_size_for_epoch(epoch, cfg.batch_size)
             gen = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
             if world > 1:
                 sampler = torch.utils.data.DistributedSampler(
-                    train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=cfg.drop_last,
+                    train_set,
+                    num_replicas=world,
+                    rank=rank,
+                    shuffle=True,
+                    seed=cfg.seed,
+                    drop_last=cfg.drop_last,
                 )
                 sampler.set_epoch(epoch)
                 loader = DataLoader(
-                    train_set, batch_size=bs // world, sampler=sampler, drop_last=cfg.drop_last,
-                    num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                    train_set,
+                    batch_size=bs // world,
+                    sampler=sampler,
+                    drop_last=cfg.drop_last,
+                    num_workers=num_workers,
+                    pin_memory=device.type == "cuda",
+                    persistent_workers=False,
                 )
             else:
                 loader = DataLoader(
-                    train_set, batch_size=bs, shuffle=True, drop_last=cfg.drop_last, generator=gen,
-                    num_workers=num_workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                    train_set,
+                    batch_size=bs,
+                    shuffle=True,
+                    drop_last=cfg.drop_last,
+                    generator=gen,
+                    num_workers=num_workers,
+                    pin_memory=device.type == "cuda",
+                    persistent_workers=False,
                 )
             method.train()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, mininterval=2.0)
@@ -337,9 +358,15 @@ def train(
             logger.flush()
             if rank == 0:
                 save_checkpoint(
-                    ckpt_path, model=method.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epoch=epoch, step=step,
-                    config=dict(resolved_config), config_hash=chash,
+                    ckpt_path,
+                    model=method.state_dict(),
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict(),
+                    epoch=epoch,
+                    step=step,
+                    config=dict(resolved_config),
+                    config_hash=chash,
                     **({"method_extra": method.extra_state_dict()} if hasattr(method, "extra_state_dict") else {}),
                 )
             if world > 1:
@@ -425,7 +452,9 @@ def rank_steps_per_epoch(n_images: int, batch_size: int, drop_last: bool, world_
     if world_size == 1:
         return steps_per_epoch(n_images, batch_size, drop_last)
     if batch_size % world_size:
-        raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} processes of the distributed run")
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the {world_size} processes of the distributed run"
+        )
     per_rank = n_images // world_size if drop_last else math.ceil(n_images / world_size)
     return steps_per_epoch(per_rank, batch_size // world_size, drop_last)
 
@@ -444,14 +473,19 @@ class _LossModule(torch.nn.Module):
 def ddp_loss_fn(method: Method, device: torch.device) -> Callable:
     """``method.losses`` behind ``DistributedDataParallel`` (gradients averaged over processes)."""
     if getattr(method, "train_step", None) is not None:
-        raise NotImplementedError(f"method {method.name!r} has its own train_step; distributed training does not support it")
+        raise NotImplementedError(
+            f"method {method.name!r} has its own train_step; distributed training does not support it"
+        )
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(_LossModule(method), device_ids=ids)
 
 
 def save_model(path: Path, method: Method, resolved_config: Mapping[str, Any]) -> None:
     save_checkpoint(
-        Path(path), model=method.state_dict(), method=method.name, config=dict(resolved_config),
+        Path(path),
+        model=method.state_dict(),
+        method=method.name,
+        config=dict(resolved_config),
         config_hash=config_hash(resolved_config),
     )
 

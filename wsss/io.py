@@ -62,7 +62,7 @@ def _stale_temp_pid(name: str, prefix: str, suffix: str) -> int | None:
     """The process id in ``name`` if it is ``<prefix><pid>-<random><suffix>`` exactly, else None."""
     if not (name.startswith(prefix) and name.endswith(suffix)) or len(name) <= len(prefix) + len(suffix):
         return None
-    rest = name[len(prefix): len(name) - len(suffix)] if suffix else name[len(prefix):]
+    rest = name[len(prefix) : len(name) - len(suffix)] if suffix else name[len(prefix) :]
     pid, sep, rand = rest.partition("-")
     if not sep or not pid.isdigit() or not _RANDOM_RE.fullmatch(rand):
         return None

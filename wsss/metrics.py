@@ -98,8 +98,7 @@ def _check_gt_range(g: np.ndarray, num_classes: int, ignore_index: Optional[int]
     if lo_bad or g.max() >= num_classes:
         bad = np.unique(g[(g < 0) | (g >= num_classes)])
         raise ValueError(
-            f"gt has values {bad[:10].tolist()} outside [0, {num_classes}) that are not the "
-            f"ignore index {ignore_index}"
+            f"gt has values {bad[:10].tolist()} outside [0, {num_classes}) that are not the ignore index {ignore_index}"
         )
 
 

@@ -42,8 +42,15 @@ def classifier_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return stage_params(cfg, "classifier")
 
 
-def train_classifier(cfg: Mapping[str, Any], labels_csv: str, model_out: str, work_dir: str, threads: int = 1, progress: bool = True,
-                     log_out: Optional[str] = None) -> Path:
+def train_classifier(
+    cfg: Mapping[str, Any],
+    labels_csv: str,
+    model_out: str,
+    work_dir: str,
+    threads: int = 1,
+    progress: bool = True,
+    log_out: Optional[str] = None,
+) -> Path:
     """Train the experiment's classifier; resumes from ``work_dir/last.pt`` of the same config.
     ``log_out``: where to copy the step log (loss terms per step) when training is done."""
     import torch
@@ -58,18 +65,36 @@ def train_classifier(cfg: Mapping[str, Any], labels_csv: str, model_out: str, wo
     labels = read_labels_csv(labels_csv, ds.class_names)
     ids = select_labelled(ds.ids(cfg["dataset"]["train_split"]), labels, c["on_unlabelled"])
     transform = TrainTransform(
-        resize_long=tuple(c["resize_long"]), crop_size=c["crop_size"], hflip=c["hflip"],
-        color_jitter=tuple(c["color_jitter"]) if c["color_jitter"] else None, color_jitter_p=c["color_jitter_p"],
+        resize_long=tuple(c["resize_long"]),
+        crop_size=c["crop_size"],
+        hflip=c["hflip"],
+        color_jitter=tuple(c["color_jitter"]) if c["color_jitter"] else None,
+        color_jitter_p=c["color_jitter_p"],
     )
     train_set = ClassificationTrainSet(ds, ids, labels, transform, seed=c["seed"])
     set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
     torch.manual_seed(c["seed"])
     method = build_classifier(cfg, ds.num_fg_classes)
     device, workers = device_and_workers(threads)
-    log.info("training %s (%s) on %d images of %s, device %s, %d workers", c["method"], c["backbone"], len(ids), cfg["dataset"]["name"], device, workers)
+    log.info(
+        "training %s (%s) on %d images of %s, device %s, %d workers",
+        c["method"],
+        c["backbone"],
+        len(ids),
+        cfg["dataset"]["name"],
+        device,
+        workers,
+    )
     out = train(
-        method, train_set, train_config_from(c), Path(model_out), Path(work_dir), resolved_config=resolved,
-        device=device, num_workers=workers, progress=progress,
+        method,
+        train_set,
+        train_config_from(c),
+        Path(model_out),
+        Path(work_dir),
+        resolved_config=resolved,
+        device=device,
+        num_workers=workers,
+        progress=progress,
     )
     publish_train_log(work_dir, log_out)
     return out
@@ -99,7 +124,16 @@ def cam_ids(cfg: Mapping[str, Any], ds) -> list:
     return split_union(ds, [cfg["dataset"]["train_split"], cfg["dataset"]["eval_split"]])
 
 
-def infer_cam_shard(cfg: Mapping[str, Any], model_path: str, labels_csv: str, out_path: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+def infer_cam_shard(
+    cfg: Mapping[str, Any],
+    model_path: str,
+    labels_csv: str,
+    out_path: str,
+    shard_index: int,
+    num_shards: int,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     from .cam_infer import infer_cams
     from .data.classification import select_labelled
 
@@ -112,10 +146,22 @@ def infer_cam_shard(cfg: Mapping[str, Any], model_path: str, labels_csv: str, ou
     device, workers = device_and_workers(threads)
     c = cfg["cam"]
     return infer_cams(
-        method, ds, ids, labels, Path(out_path), scales=c["scales"], flip=c["flip"], normalisation=c["normalisation"],
+        method,
+        ds,
+        ids,
+        labels,
+        Path(out_path),
+        scales=c["scales"],
+        flip=c["flip"],
+        normalisation=c["normalisation"],
         upsample=c["upsample"],
-        resolved_config=stage_params(cfg, "cam"), shard_index=shard_index, num_shards=num_shards,
-        device=device, num_workers=workers, progress=progress, skipped=skipped,
+        resolved_config=stage_params(cfg, "cam"),
+        shard_index=shard_index,
+        num_shards=num_shards,
+        device=device,
+        num_workers=workers,
+        progress=progress,
+        skipped=skipped,
     )
 
 
@@ -125,7 +171,9 @@ def stored_ids(ids: Sequence[str], skipped: set) -> list:
     return [i for i in ids if i not in skipped]
 
 
-def evaluate_seeds(cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: str, gallery_png: str, progress: bool = True):
+def evaluate_seeds(
+    cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: str, gallery_png: str, progress: bool = True
+):
     """Threshold sweep on the evaluation split (CSV) and a CAM overlay gallery (PNG)."""
     import numpy as np
 
@@ -151,7 +199,12 @@ def evaluate_seeds(cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: st
             img, gt = ds.load_image(ids[i]), ds.load_mask(ids[i])
             rows.append(cam_overlay_rows(img, gt, rec.high_res, rec.keys, cam_to_label(rec.high_res, rec.keys, t)))
             captions.append(f"{ids[i]}: " + ", ".join(ds.class_names[k + 1] for k in rec.keys))
-        gallery(rows, gallery_png, titles=["image", "ground truth", "CAM 1", "CAM 2", "CAM 3", f"seed (t={t:g})"], row_labels=captions)
+        gallery(
+            rows,
+            gallery_png,
+            titles=["image", "ground truth", "CAM 1", "CAM 2", "CAM 3", f"seed (t={t:g})"],
+            row_labels=captions,
+        )
     return df
 
 
@@ -160,7 +213,15 @@ def evaluate_seeds(cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: st
 # JSON marker per shard as the tracked output (wsss.workflow.markers)
 
 
-def crf_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+def crf_shard(
+    cfg: Mapping[str, Any],
+    cam_paths: Sequence[str],
+    marker: str,
+    shard_index: int,
+    num_shards: int,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     """CRF masks of one shard of the CAM images (wsss.refine.crf), resumable."""
     from .cams import CamStore
     from .refine.crf import crf_masks_shard
@@ -172,14 +233,18 @@ def crf_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, sha
     journal = shard_journal(marker, resolved, cam_paths)
     with CamStore(cam_paths) as store:
         ids = stored_ids(mine, store.skipped)
-        stats = crf_masks_shard(ds, store, ids, out_dir, cfg["crf"], progress=progress, workers=threads, journal=journal)
+        stats = crf_masks_shard(
+            ds, store, ids, out_dir, cfg["crf"], progress=progress, workers=threads, journal=journal
+        )
     log.info("CRF shard %d/%d: %s", shard_index + 1, num_shards, stats)
     write_shard_marker(marker, kind="crf", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
     journal.finish()
     return Path(marker)
 
 
-def evaluate_mask_shards(cfg: Mapping[str, Any], markers: Sequence[str], out_csv: str, out_per_class: str, kind: str) -> Dict[str, Any]:
+def evaluate_mask_shards(
+    cfg: Mapping[str, Any], markers: Sequence[str], out_csv: str, out_per_class: str, kind: str
+) -> Dict[str, Any]:
     """Metrics (mIoU, precision, recall, coverage, per-class IoU) of masks on the evaluation split."""
     from .metrics import write_metrics_csv
     from .refine.crf import evaluate_masks
@@ -188,8 +253,13 @@ def evaluate_mask_shards(cfg: Mapping[str, Any], markers: Sequence[str], out_csv
     mask_dir, _, skipped = read_shard_markers_full(markers)
     split = cfg["dataset"]["eval_split"]
     cm = evaluate_masks(ds, stored_ids(ds.ids(split), skipped), mask_dir)
-    row = {"kind": kind, "split": split, **cm.summary(ds.class_names), "package_version": __version__,
-           "mask_dir": str(mask_dir)}
+    row = {
+        "kind": kind,
+        "split": split,
+        **cm.summary(ds.class_names),
+        "package_version": __version__,
+        "mask_dir": str(mask_dir),
+    }
     write_metrics_csv(out_csv, row)
     table = cm.per_class_table(ds.class_names)
     from .io import atomic_path
@@ -199,7 +269,9 @@ def evaluate_mask_shards(cfg: Mapping[str, Any], markers: Sequence[str], out_csv
     return row
 
 
-def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv: str, marker: str, shard_index: int, num_shards: int) -> Path:
+def seed_masks_shard(
+    cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv: str, marker: str, shard_index: int, num_shards: int
+) -> Path:
     """CAM seeds at the chosen background threshold as PNG label maps (a pseudo-mask source)."""
     from .cams import CamStore
     from .io import voc_palette, write_label_png
@@ -222,7 +294,14 @@ def seed_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv
             rec = store.get(image_id, fields=("keys", "high_res"))
             write_label_png(out_dir / f"{image_id}.png", cam_to_label(rec.high_res, rec.keys, t), pal)
 
-        map_images(ids, one, exists=lambda i: (out_dir / f"{i}.png").exists(), journal=journal, desc="seed masks", progress=False)
+        map_images(
+            ids,
+            one,
+            exists=lambda i: (out_dir / f"{i}.png").exists(),
+            journal=journal,
+            desc="seed masks",
+            progress=False,
+        )
     write_shard_marker(marker, kind="seeds", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
     journal.finish()
     return Path(marker)
@@ -234,7 +313,15 @@ def deeplab_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return stage_params(cfg, "deeplab_train")
 
 
-def train_deeplab(cfg: Mapping[str, Any], mask_markers: Sequence[str], conf_markers: Sequence[str], model_out: str, work_dir: str, threads: int = 1, progress: bool = True) -> Path:
+def train_deeplab(
+    cfg: Mapping[str, Any],
+    mask_markers: Sequence[str],
+    conf_markers: Sequence[str],
+    model_out: str,
+    work_dir: str,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     from .seg.stages import train_segmentation
 
     ds = open_dataset(cfg)
@@ -244,11 +331,29 @@ def train_deeplab(cfg: Mapping[str, Any], mask_markers: Sequence[str], conf_mark
         mask_dir, _, skipped = read_shard_markers_full(mask_markers)
     conf_dir = read_shard_markers(conf_markers)[0] if (p["use_confidence"] and conf_markers) else None
     ids = stored_ids(ds.ids(cfg["dataset"]["train_split"]), skipped)
-    return train_segmentation(ds, ids, mask_dir, conf_dir, p, model_out, work_dir, threads=threads,
-                              resolved_config=deeplab_config(cfg), progress=progress)
+    return train_segmentation(
+        ds,
+        ids,
+        mask_dir,
+        conf_dir,
+        p,
+        model_out,
+        work_dir,
+        threads=threads,
+        resolved_config=deeplab_config(cfg),
+        progress=progress,
+    )
 
 
-def deeplab_predict_shard(cfg: Mapping[str, Any], model_path: str, marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+def deeplab_predict_shard(
+    cfg: Mapping[str, Any],
+    model_path: str,
+    marker: str,
+    shard_index: int,
+    num_shards: int,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     from .seg.stages import predict_shard
 
     ds = open_dataset(cfg)
@@ -256,23 +361,51 @@ def deeplab_predict_shard(cfg: Mapping[str, Any], model_path: str, marker: str, 
     out_dir = masks_dir(Path(marker).parent, resolved)
     ids = ds.ids(cfg["dataset"]["eval_split"])
     journal = shard_journal(marker, resolved, [model_path])
-    predict_shard(ds, ids, model_path, cfg["deeplab"], out_dir, shard_index, num_shards, threads=threads, progress=progress,
-                  journal=journal)
-    write_shard_marker(marker, kind="deeplab", ids=shard_ids(ids, shard_index, num_shards), mask_dir=out_dir, resolved=resolved)
+    predict_shard(
+        ds,
+        ids,
+        model_path,
+        cfg["deeplab"],
+        out_dir,
+        shard_index,
+        num_shards,
+        threads=threads,
+        progress=progress,
+        journal=journal,
+    )
+    write_shard_marker(
+        marker, kind="deeplab", ids=shard_ids(ids, shard_index, num_shards), mask_dir=out_dir, resolved=resolved
+    )
     journal.finish()
     return Path(marker)
 
 
-def evaluate_deeplab(cfg: Mapping[str, Any], markers: Sequence[str], metrics_csv: str, per_class_csv: str, gallery_png: str, progress: bool = True):
+def evaluate_deeplab(
+    cfg: Mapping[str, Any],
+    markers: Sequence[str],
+    metrics_csv: str,
+    per_class_csv: str,
+    gallery_png: str,
+    progress: bool = True,
+):
     from .seg.scoring import evaluate_predictions
 
     ds = open_dataset(cfg)
     pred_dir, _ = read_shard_markers(markers)
     split = cfg["dataset"]["eval_split"]
     return evaluate_predictions(
-        ds, ds.ids(split), pred_dir, metrics_csv, per_class_csv, resolved_config=stage_params(cfg, "deeplab_eval"), split=split,
-        gallery_png=gallery_png, gallery_images=cfg["deeplab"]["gallery_images"], bound_th=cfg["deeplab"]["bound_th"],
-        extra={"pseudo_masks": cfg["deeplab"]["pseudo_masks"]}, progress=progress,
+        ds,
+        ds.ids(split),
+        pred_dir,
+        metrics_csv,
+        per_class_csv,
+        resolved_config=stage_params(cfg, "deeplab_eval"),
+        split=split,
+        gallery_png=gallery_png,
+        gallery_images=cfg["deeplab"]["gallery_images"],
+        bound_th=cfg["deeplab"]["bound_th"],
+        extra={"pseudo_masks": cfg["deeplab"]["pseudo_masks"]},
+        progress=progress,
     )
 
 
@@ -285,7 +418,15 @@ def irn_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     return stage_params(cfg, "irn_train")
 
 
-def ir_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+def ir_labels_shard(
+    cfg: Mapping[str, Any],
+    cam_paths: Sequence[str],
+    marker: str,
+    shard_index: int,
+    num_shards: int,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     from .cams import CamStore
     from .refine.ir_labels import make_ir_labels
 
@@ -296,10 +437,13 @@ def ir_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: st
     journal = shard_journal(marker, resolved, cam_paths)
     with CamStore(cam_paths) as store:
         ids = stored_ids(mine, store.skipped)
-        stats = make_ir_labels(ds, store, ids, out_dir, cfg["irn"]["ir_label"], workers=threads, progress=progress,
-                               journal=journal)
+        stats = make_ir_labels(
+            ds, store, ids, out_dir, cfg["irn"]["ir_label"], workers=threads, progress=progress, journal=journal
+        )
     log.info("IR labels shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(marker, kind="ir_labels", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
+    write_shard_marker(
+        marker, kind="ir_labels", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids)
+    )
     journal.finish()
     return Path(marker)
 
@@ -313,21 +457,51 @@ def irn_backbone_source(cfg: Mapping[str, Any], classifier_model: str) -> Dict[s
     return params
 
 
-def train_irn_stage(cfg: Mapping[str, Any], label_markers: Sequence[str], classifier_model: str, model_out: str, work_dir: str, threads: int = 1, progress: bool = True) -> Path:
+def train_irn_stage(
+    cfg: Mapping[str, Any],
+    label_markers: Sequence[str],
+    classifier_model: str,
+    model_out: str,
+    work_dir: str,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     from .refine.irn import train_irn
 
     ds = open_dataset(cfg)
     label_dir, _, skipped = read_shard_markers_full(label_markers)
     ids = stored_ids(ds.ids(cfg["dataset"]["train_split"]), skipped)
-    infer_ids = stored_ids(ds.ids("train"), skipped) if "train" in ds.splits() else ids  # IRN: mean shift over infer_list = train
+    infer_ids = (
+        stored_ids(ds.ids("train"), skipped) if "train" in ds.splits() else ids
+    )  # IRN: mean shift over infer_list = train
     device, workers = device_and_workers(threads)
     set_aside_stale_checkpoint(Path(work_dir) / "last.pt", irn_config(cfg))
-    return train_irn(ds, ids, label_dir, model_out, work_dir, irn_backbone_source(cfg, classifier_model),
-                     infer_ids=infer_ids, resolved_config=irn_config(cfg), device=device, num_workers=workers,
-                     progress=progress)
+    return train_irn(
+        ds,
+        ids,
+        label_dir,
+        model_out,
+        work_dir,
+        irn_backbone_source(cfg, classifier_model),
+        infer_ids=infer_ids,
+        resolved_config=irn_config(cfg),
+        device=device,
+        num_workers=workers,
+        progress=progress,
+    )
 
 
-def irn_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], model_path: str, marker: str, conf_marker: Optional[str], shard_index: int, num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+def irn_masks_shard(
+    cfg: Mapping[str, Any],
+    cam_paths: Sequence[str],
+    model_path: str,
+    marker: str,
+    conf_marker: Optional[str],
+    shard_index: int,
+    num_shards: int,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     from .cams import CamStore
     from .refine.irn import make_irn_masks
 
@@ -340,18 +514,37 @@ def irn_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], model_path
     journal = shard_journal(marker, resolved, [*cam_paths, model_path])
     with CamStore(cam_paths) as store:
         ids = stored_ids(mine, store.skipped)
-        stats = make_irn_masks(ds, store, ids, model_path, out_dir, cfg["irn"]["infer"], conf_dir=conf_dir,
-                               device=device, progress=progress, journal=journal)
+        stats = make_irn_masks(
+            ds,
+            store,
+            ids,
+            model_path,
+            out_dir,
+            cfg["irn"]["infer"],
+            conf_dir=conf_dir,
+            device=device,
+            progress=progress,
+            journal=journal,
+        )
     log.info("IRN masks shard %d/%d: %s", shard_index + 1, num_shards, stats)
     skipped = set(mine) - set(ids)
     write_shard_marker(marker, kind="irn", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=skipped)
     if conf_marker:
-        write_shard_marker(conf_marker, kind="irn_confidence", ids=ids, mask_dir=conf_dir, resolved=resolved, skipped=skipped)
+        write_shard_marker(
+            conf_marker, kind="irn_confidence", ids=ids, mask_dir=conf_dir, resolved=resolved, skipped=skipped
+        )
     journal.finish()
     return Path(marker)
 
 
-def mask_gallery(cfg: Mapping[str, Any], seed_markers: Sequence[str], crf_markers: Sequence[str], irn_markers: Sequence[str], out_png: str, n_images: int = 6) -> None:
+def mask_gallery(
+    cfg: Mapping[str, Any],
+    seed_markers: Sequence[str],
+    crf_markers: Sequence[str],
+    irn_markers: Sequence[str],
+    out_png: str,
+    n_images: int = 6,
+) -> None:
     """Image | ground truth | seed | CRF | IRN pseudo-masks for a few images of the evaluation split."""
     import numpy as np
 
@@ -365,13 +558,23 @@ def mask_gallery(cfg: Mapping[str, Any], seed_markers: Sequence[str], crf_marker
     rows, captions = [], []
     for i in pick:
         img, gt = ds.load_image(ids[i]), ds.load_mask(ids[i])
-        rows.append([img, overlay_labels(img, gt)] + [overlay_labels(img, read_label_png(d / f"{ids[i]}.png")) for d in dirs])
+        rows.append(
+            [img, overlay_labels(img, gt)] + [overlay_labels(img, read_label_png(d / f"{ids[i]}.png")) for d in dirs]
+        )
         captions.append(ids[i])
     gallery(rows, out_png, titles=["image", "ground truth", "seed", "CRF", "IRN"], row_labels=captions)
 
 
-def launch_deeplab_training(cfg: Mapping[str, Any], mask_markers: Sequence[str], conf_markers: Sequence[str], model_out: str, work_dir: str, threads: int = 1, gpus: int = 0,
-                            log_out: Optional[str] = None) -> Path:
+def launch_deeplab_training(
+    cfg: Mapping[str, Any],
+    mask_markers: Sequence[str],
+    conf_markers: Sequence[str],
+    model_out: str,
+    work_dir: str,
+    threads: int = 1,
+    gpus: int = 0,
+    log_out: Optional[str] = None,
+) -> Path:
     """DeepLab training; with more than one GPU it re-launches itself under ``torchrun`` (one process
     per GPU, DDP in :mod:`wsss.engine`), otherwise it trains in this process. The step log is copied
     to ``log_out`` at the end."""
@@ -385,10 +588,29 @@ def launch_deeplab_training(cfg: Mapping[str, Any], mask_markers: Sequence[str],
         return out
     args = Path(work_dir) / "torchrun_args.json"
     args.parent.mkdir(parents=True, exist_ok=True)
-    args.write_text(json.dumps({"cfg": dict(cfg), "mask_markers": list(mask_markers), "conf_markers": list(conf_markers),
-                                "model_out": str(model_out), "work_dir": str(work_dir), "threads": int(threads)}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={int(gpus)}",
-           "-m", "wsss.pipeline", "deeplab-train", str(args)]
+    args.write_text(
+        json.dumps(
+            {
+                "cfg": dict(cfg),
+                "mask_markers": list(mask_markers),
+                "conf_markers": list(conf_markers),
+                "model_out": str(model_out),
+                "work_dir": str(work_dir),
+                "threads": int(threads),
+            }
+        )
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={int(gpus)}",
+        "-m",
+        "wsss.pipeline",
+        "deeplab-train",
+        str(args),
+    ]
     log.info("launching %s", " ".join(cmd))
     subprocess.run(cmd, check=True)
     publish_train_log(work_dir, log_out)
@@ -406,8 +628,15 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     a = json.loads(Path(argv[1]).read_text())
-    train_deeplab(a["cfg"], a["mask_markers"], a["conf_markers"], a["model_out"], a["work_dir"], threads=a["threads"],
-                  progress=int(os.environ.get("RANK", "0")) == 0)
+    train_deeplab(
+        a["cfg"],
+        a["mask_markers"],
+        a["conf_markers"],
+        a["model_out"],
+        a["work_dir"],
+        threads=a["threads"],
+        progress=int(os.environ.get("RANK", "0")) == 0,
+    )
     return 0
 
 

@@ -42,8 +42,15 @@ def affinitynet_train_params(cfg: Mapping[str, Any], classifier_model: str) -> D
     return params
 
 
-def affinity_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], marker: str, shard_index: int, num_shards: int,
-                          threads: int = 1, progress: bool = True) -> Path:
+def affinity_labels_shard(
+    cfg: Mapping[str, Any],
+    cam_paths: Sequence[str],
+    marker: str,
+    shard_index: int,
+    num_shards: int,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     """The two CRF label maps (``la/``, ``ha/``) of one shard of the CAM images, resumable."""
     from .cams import CamStore
     from .refine.affinity_labels import make_affinity_labels
@@ -55,16 +62,26 @@ def affinity_labels_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], mark
     journal = shard_journal(marker, resolved, cam_paths)
     with CamStore(cam_paths) as store:
         ids = stored_ids(mine, store.skipped)
-        stats = make_affinity_labels(ds, store, ids, out_dir, cfg["affinitynet"]["label"], workers=threads, progress=progress,
-                                     journal=journal)
+        stats = make_affinity_labels(
+            ds, store, ids, out_dir, cfg["affinitynet"]["label"], workers=threads, progress=progress, journal=journal
+        )
     log.info("AffinityNet labels shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(marker, kind="affinity_labels", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
+    write_shard_marker(
+        marker, kind="affinity_labels", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids)
+    )
     journal.finish()
     return Path(marker)
 
 
-def train_affinitynet_stage(cfg: Mapping[str, Any], label_markers: Sequence[str], classifier_model: str, model_out: str, work_dir: str,
-                            threads: int = 1, progress: bool = True) -> Path:
+def train_affinitynet_stage(
+    cfg: Mapping[str, Any],
+    label_markers: Sequence[str],
+    classifier_model: str,
+    model_out: str,
+    work_dir: str,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     """AffinityNet trained on the training split's label pairs; resumes from ``work_dir/last.pt``
     of the same config (one of another config is set aside)."""
     from .refine.affinitynet import train_affinitynet
@@ -75,12 +92,30 @@ def train_affinitynet_stage(cfg: Mapping[str, Any], label_markers: Sequence[str]
     device, workers = device_and_workers(threads)
     resolved = affinitynet_config(cfg)
     set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
-    return train_affinitynet(ds, ids, label_dir, model_out, work_dir, affinitynet_train_params(cfg, classifier_model),
-                             resolved_config=resolved, device=device, num_workers=workers, progress=progress)
+    return train_affinitynet(
+        ds,
+        ids,
+        label_dir,
+        model_out,
+        work_dir,
+        affinitynet_train_params(cfg, classifier_model),
+        resolved_config=resolved,
+        device=device,
+        num_workers=workers,
+        progress=progress,
+    )
 
 
-def affinitynet_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], model_path: str, marker: str, shard_index: int,
-                            num_shards: int, threads: int = 1, progress: bool = True) -> Path:
+def affinitynet_masks_shard(
+    cfg: Mapping[str, Any],
+    cam_paths: Sequence[str],
+    model_path: str,
+    marker: str,
+    shard_index: int,
+    num_shards: int,
+    threads: int = 1,
+    progress: bool = True,
+) -> Path:
     """Random-walk pseudo-masks of one shard of the CAM images, resumable."""
     from .cams import CamStore
     from .refine.affinitynet import make_affinitynet_masks
@@ -93,9 +128,20 @@ def affinitynet_masks_shard(cfg: Mapping[str, Any], cam_paths: Sequence[str], mo
     journal = shard_journal(marker, resolved, [*cam_paths, model_path])
     with CamStore(cam_paths) as store:
         ids = stored_ids(mine, store.skipped)
-        stats = make_affinitynet_masks(ds, store, ids, model_path, out_dir, cfg["affinitynet"]["infer"], device=device,
-                                       progress=progress, journal=journal)
+        stats = make_affinitynet_masks(
+            ds,
+            store,
+            ids,
+            model_path,
+            out_dir,
+            cfg["affinitynet"]["infer"],
+            device=device,
+            progress=progress,
+            journal=journal,
+        )
     log.info("AffinityNet masks shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(marker, kind="affinitynet", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
+    write_shard_marker(
+        marker, kind="affinitynet", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids)
+    )
     journal.finish()
     return Path(marker)

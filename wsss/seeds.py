@@ -33,7 +33,9 @@ def cam_to_label(high_res: np.ndarray, keys: np.ndarray, bg_threshold: float) ->
     return lut[scores.argmax(0)]
 
 
-def sweep_thresholds(store: CamStore, ds: SegDataset, ids: Sequence[str], thresholds: Sequence[float], progress: bool = True) -> Dict[float, ConfusionMatrix]:
+def sweep_thresholds(
+    store: CamStore, ds: SegDataset, ids: Sequence[str], thresholds: Sequence[float], progress: bool = True
+) -> Dict[float, ConfusionMatrix]:
     """Confusion matrices of the seeds of ``ids`` at every threshold (each CAM read once).
 
     The entry under key ``float("inf")`` is the all-background prediction (the reference any seed
@@ -60,7 +62,13 @@ def sweep_table(cms: Dict[float, ConfusionMatrix], class_names: Sequence[str], s
         if t == float("inf"):
             continue
         s = cm.summary(class_names)
-        rows.append({"threshold": t, "split": split, **{k: v for k, v in s.items() if not k.startswith(("precision.", "recall."))}})
+        rows.append(
+            {
+                "threshold": t,
+                "split": split,
+                **{k: v for k, v in s.items() if not k.startswith(("precision.", "recall."))},
+            }
+        )
     df = pd.DataFrame(rows)
     best = int(df["miou"].idxmax())
     df["chosen_with_gt"] = False
@@ -88,8 +96,9 @@ def read_sweep(path: Union[str, os.PathLike]) -> pd.DataFrame:
     return read_csv_checked(path, SWEEP_COLUMNS, nonnull=SWEEP_COLUMNS, what="threshold sweep")
 
 
-def sweep_chosen_row(df: pd.DataFrame, source: Union[str, os.PathLike, None] = None,
-                     thresholds: Optional[Sequence[float]] = None) -> pd.Series:
+def sweep_chosen_row(
+    df: pd.DataFrame, source: Union[str, os.PathLike, None] = None, thresholds: Optional[Sequence[float]] = None
+) -> pd.Series:
     """The row of the sweep ``df`` marked ``chosen_with_gt``, after checking the table is whole.
 
     Checks: at least one row; the columns of :data:`SWEEP_COLUMNS` present and filled;
@@ -107,8 +116,10 @@ def sweep_chosen_row(df: pd.DataFrame, source: Union[str, os.PathLike, None] = N
     for c in dict.fromkeys([*SWEEP_COLUMNS, df.columns[-1]]):
         empty = df[c].isna().to_numpy()
         if empty.any():
-            raise DataError(f"{where}: column {c!r} is empty on data row(s) {[int(i) + 1 for i in empty.nonzero()[0][:5]]} "
-                            "(a cut or damaged file?)")
+            raise DataError(
+                f"{where}: column {c!r} is empty on data row(s) {[int(i) + 1 for i in empty.nonzero()[0][:5]]} "
+                "(a cut or damaged file?)"
+            )
     chosen = df["chosen_with_gt"]
     if not pd.api.types.is_bool_dtype(chosen):
         bad = sorted({str(v) for v in chosen if not isinstance(v, (bool, np.bool_))})
@@ -130,13 +141,18 @@ def sweep_chosen_row(df: pd.DataFrame, source: Union[str, os.PathLike, None] = N
         raise DataError(f"{where} has {n} rows marked chosen_with_gt; expected exactly one")
     row = df[chosen.to_numpy()].iloc[0]
     if float(row["miou"]) < miou.max():
-        raise DataError(f"{where}: the row marked chosen_with_gt (threshold {float(row['threshold'])}, mIoU "
-                        f"{float(row['miou'])}) is not the one of the highest mIoU ({miou.max()})")
+        raise DataError(
+            f"{where}: the row marked chosen_with_gt (threshold {float(row['threshold'])}, mIoU "
+            f"{float(row['miou'])}) is not the one of the highest mIoU ({miou.max()})"
+        )
     return row
 
 
-def chosen_threshold(sweep: Union[pd.DataFrame, str, os.PathLike], source: Union[str, os.PathLike, None] = None,
-                     thresholds: Optional[Sequence[float]] = None) -> float:
+def chosen_threshold(
+    sweep: Union[pd.DataFrame, str, os.PathLike],
+    source: Union[str, os.PathLike, None] = None,
+    thresholds: Optional[Sequence[float]] = None,
+) -> float:
     """The background threshold marked ``chosen_with_gt`` in a sweep (a table, or the path of its CSV).
 
     Given a path, the file is read with :func:`read_sweep` (so a cut file or a missing column is a

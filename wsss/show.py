@@ -127,8 +127,10 @@ def check_image_id(ds, image_id: str) -> None:
             return
     except (KeyError, ValueError, DataError):
         pass
-    raise ShowError(f"unknown image id {image_id!r}: not in any split of the dataset at {ds.root} "
-                    f"({', '.join(splits)}) and no image file for it")
+    raise ShowError(
+        f"unknown image id {image_id!r}: not in any split of the dataset at {ds.root} "
+        f"({', '.join(splits)}) and no image file for it"
+    )
 
 
 def image_panels(ds, run_dir: str | os.PathLike, image_id: str, per_class: bool = False) -> ImagePanels:
@@ -149,7 +151,9 @@ def image_panels(ds, run_dir: str | os.PathLike, image_id: str, per_class: bool 
 
     def add_labels(title: str, labels: np.ndarray, source: Any) -> None:
         if labels.shape != shape:
-            out.notes.append(f"{source}: {labels.shape[1]}x{labels.shape[0]}, the image is {shape[1]}x{shape[0]}; not shown")
+            out.notes.append(
+                f"{source}: {labels.shape[1]}x{labels.shape[0]}, the image is {shape[1]}x{shape[0]}; not shown"
+            )
             return
         out.panels.append(Panel(title, overlay_labels(img, labels)))
 
@@ -164,7 +168,9 @@ def image_panels(ds, run_dir: str | os.PathLike, image_id: str, per_class: bool 
     if rec is not None:
         hr = rec.high_res
         if hr.shape[1:] != shape:
-            out.notes.append(f"CAM of {image_id!r}: {hr.shape[2]}x{hr.shape[1]}, the image is {shape[1]}x{shape[0]}; not shown")
+            out.notes.append(
+                f"CAM of {image_id!r}: {hr.shape[2]}x{hr.shape[1]}, the image is {shape[1]}x{shape[0]}; not shown"
+            )
             rec = None
         elif len(rec.keys) == 0:
             out.notes.append(f"CAM of {image_id!r}: no class present, no map")
@@ -190,8 +196,15 @@ def image_panels(ds, run_dir: str | os.PathLike, image_id: str, per_class: bool 
     return out
 
 
-def write_image_panel(ds, run_dir: str | os.PathLike, image_id: str, out_png: str | os.PathLike,
-                      per_class: bool = False, tile: int = 256, caption: Optional[str] = None) -> ImagePanels:
+def write_image_panel(
+    ds,
+    run_dir: str | os.PathLike,
+    image_id: str,
+    out_png: str | os.PathLike,
+    per_class: bool = False,
+    tile: int = 256,
+    caption: Optional[str] = None,
+) -> ImagePanels:
     """Write the panels of :func:`image_panels` side by side into ``out_png`` (atomically, via
     :func:`wsss.viz.gallery`); returns them (``.titles``, ``.notes``)."""
     from .viz import gallery
@@ -199,8 +212,13 @@ def write_image_panel(ds, run_dir: str | os.PathLike, image_id: str, out_png: st
     panels = image_panels(ds, run_dir, image_id, per_class=per_class)
     if caption is None:
         caption = f"{image_id} - {run_dir}"
-    gallery([[_enlarged(p.tile, tile) for p in panels.panels]], out_png, titles=panels.titles, row_labels=[caption],
-            tile=tile)
+    gallery(
+        [[_enlarged(p.tile, tile) for p in panels.panels]],
+        out_png,
+        titles=panels.titles,
+        row_labels=[caption],
+        tile=tile,
+    )
     return panels
 
 
@@ -233,8 +251,13 @@ def runs_in(results_dataset: str | os.PathLike) -> List[str]:
     base = Path(results_dataset)
     if not base.is_dir():
         return []
-    return sorted(f"{e.name}/{s.name}" for e in base.iterdir() if e.is_dir()
-                  for s in e.iterdir() if s.is_dir() and s.name[:1] == "s" and s.name[1:].isdigit())
+    return sorted(
+        f"{e.name}/{s.name}"
+        for e in base.iterdir()
+        if e.is_dir()
+        for s in e.iterdir()
+        if s.is_dir() and s.name[:1] == "s" and s.name[1:].isdigit()
+    )
 
 
 def recorded_config(run_dir: str | os.PathLike) -> Optional[Dict[str, Any]]:

@@ -68,7 +68,12 @@ MODEL_STAGES: Dict[str, Tuple[str, str]] = {
     "deeplab": ("train_deeplab", "deeplab_train"),
 }
 #: ``kind`` column of a mask evaluation's metrics.csv -> stage of the masks it evaluated
-EVAL_KINDS: Dict[str, str] = {"crf": "crf", "ir_labels": "ir_labels", "irn": "irn_infer", "affinitynet": "affinitynet_infer"}
+EVAL_KINDS: Dict[str, str] = {
+    "crf": "crf",
+    "ir_labels": "ir_labels",
+    "irn": "irn_infer",
+    "affinitynet": "affinitynet_infer",
+}
 #: folders never descended into (see the module docstring)
 SKIP_DIRS = ("work", "benchmarks", ".snakemake")
 _MASKS_HASH = re.compile(r"masks-([0-9a-f]+)$")
@@ -188,9 +193,11 @@ def read_cam_shard_record(path: Path) -> Dict[str, Any]:
     import h5py
 
     with h5py.File(path, "r") as f:
-        return {"package_version": _str_or_none(f.attrs.get("package_version")),
-                "config_hash": _str_or_none(f.attrs.get("config_hash")),
-                "complete": bool(f.attrs.get("complete", False))}
+        return {
+            "package_version": _str_or_none(f.attrs.get("package_version")),
+            "config_hash": _str_or_none(f.attrs.get("config_hash")),
+            "complete": bool(f.attrs.get("complete", False)),
+        }
 
 
 def read_csv_first_row(path: Path) -> Dict[str, str]:
@@ -232,8 +239,14 @@ class _HeaderUnpickler(pickle.Unpickler):
     back as they are, anything else (tensors, storages) as :class:`_Opaque`; no code of the file
     runs, and the storages (the weights, separate zip members) are never read."""
 
-    _SAFE = {("collections", "OrderedDict"): _Dict, ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
-             ("builtins", "list"): list, ("builtins", "dict"): dict, ("builtins", "tuple"): tuple}
+    _SAFE = {
+        ("collections", "OrderedDict"): _Dict,
+        ("builtins", "set"): set,
+        ("builtins", "frozenset"): frozenset,
+        ("builtins", "list"): list,
+        ("builtins", "dict"): dict,
+        ("builtins", "tuple"): tuple,
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         return self._SAFE.get((module, name), _Opaque)
@@ -283,8 +296,11 @@ def iter_outputs(results: Path) -> Iterator[Path]:
     found: List[Path] = []
     for dirpath, dirnames, filenames in os.walk(results):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not (d in SKIP_DIRS or d.startswith(("masks-", ".tmp-"))
-                                                         or (here == results and d == "logs")))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if not (d in SKIP_DIRS or d.startswith(("masks-", ".tmp-")) or (here == results and d == "logs"))
+        )
         for name in filenames:
             if name.startswith(".tmp-"):
                 continue
@@ -334,12 +350,14 @@ def _status_of(path: Path, rel: Path, kind: str, expected: ExpectedHashes) -> Ou
     if kind == "model":
         rule, stage = MODEL_STAGES[path.parent.name]
         meta = read_checkpoint_metadata(path)
-        return OutputStatus(path, rule, _str_or_none(meta.get("package_version")), _str_or_none(meta.get("config_hash")),
-                            want(stage))
+        return OutputStatus(
+            path, rule, _str_or_none(meta.get("package_version")), _str_or_none(meta.get("config_hash")), want(stage)
+        )
     row = read_csv_first_row(path)
     if not row:
-        return OutputStatus(path, {"sweep": "seed_eval", "table": "summary_table"}.get(kind, "eval_masks"), None,
-                            note="no data row")
+        return OutputStatus(
+            path, {"sweep": "seed_eval", "table": "summary_table"}.get(kind, "eval_masks"), None, note="no data row"
+        )
     version = _str_or_none(row.get("package_version"))
     if kind == "sweep":
         return OutputStatus(path, "seed_eval", version, _str_or_none(row.get("config_hash")), want("cam"))
@@ -350,12 +368,16 @@ def _status_of(path: Path, rel: Path, kind: str, expected: ExpectedHashes) -> Ou
         return OutputStatus(path, "eval_deeplab", version, _str_or_none(row.get("config_hash")), want("deeplab_eval"))
     m = _MASKS_HASH.search(row.get("mask_dir", "").rstrip("/\\"))
     stage = EVAL_KINDS.get(row.get("kind", ""))
-    return OutputStatus(path, "eval_masks", version, m.group(1) if m else None,
-                        want(stage) if stage is not None else None)
+    return OutputStatus(
+        path, "eval_masks", version, m.group(1) if m else None, want(stage) if stage is not None else None
+    )
 
 
-def collect_status(results: str | os.PathLike, cfg: Optional[Mapping[str, Any]] = None,
-                   on_error: Optional[Callable[[Path, Exception], None]] = None) -> List[OutputStatus]:
+def collect_status(
+    results: str | os.PathLike,
+    cfg: Optional[Mapping[str, Any]] = None,
+    on_error: Optional[Callable[[Path, Exception], None]] = None,
+) -> List[OutputStatus]:
     """One :class:`OutputStatus` per output under ``results`` (the top folder, ``results/``).
 
     ``cfg``: the validated workflow config (:func:`load_config`), or None to compare versions
@@ -388,7 +410,8 @@ def _rule_guess(path: Path, kind: str) -> str:
     if kind == "model":
         return MODEL_STAGES[path.parent.name][0]
     return {"cam": "cam_shard", "marker": "?", "sweep": "seed_eval", "table": "summary_table"}.get(
-        kind, "eval_deeplab" if path.parent.name == "deeplab" else "eval_masks")
+        kind, "eval_deeplab" if path.parent.name == "deeplab" else "eval_masks"
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,8 +24,19 @@ from .csvio import read_csv_checked
 from .io import atomic_path, write_text_atomic
 
 #: Benchmark file stems (before ``-<shard>``) of each stage.
-STAGES = ("train_classifier", "cam_shard", "crf_shard", "ir_labels_shard", "train_irn", "irn_masks_shard",
-          "affinity_labels_shard", "train_affinitynet", "affinitynet_masks_shard", "train_deeplab", "deeplab_predict_shard")
+STAGES = (
+    "train_classifier",
+    "cam_shard",
+    "crf_shard",
+    "ir_labels_shard",
+    "train_irn",
+    "irn_masks_shard",
+    "affinity_labels_shard",
+    "train_affinitynet",
+    "affinitynet_masks_shard",
+    "train_deeplab",
+    "deeplab_predict_shard",
+)
 
 
 def _metrics(path: Path, columns: Sequence[str]) -> Dict[str, object]:
@@ -55,8 +66,10 @@ def stage_times(bench_dir: Path) -> Dict[str, float]:
     times: Dict[str, float] = {}
     for stage in STAGES:
         files = sorted(bench_dir.glob(f"{stage}.tsv")) + sorted(bench_dir.glob(f"{stage}-*.tsv"))
-        total = sum(float(read_csv_checked(f, ["s"], sep="\t", nonnull=["s"], what="benchmark file")["s"].iloc[-1])
-                    for f in files)
+        total = sum(
+            float(read_csv_checked(f, ["s"], sep="\t", nonnull=["s"], what="benchmark file")["s"].iloc[-1])
+            for f in files
+        )
         times[f"time_{stage}_s"] = round(total, 1) if files else math.nan
     return times
 
@@ -71,7 +84,11 @@ def experiment_row(results: Path, run: str) -> Dict[str, object]:
 
     d = results / run
     name, sep, seed = run.rpartition("/s")
-    row: Dict[str, object] = {"run": run, "experiment": name if sep else run, "seed": int(seed) if sep and seed.isdigit() else math.nan}
+    row: Dict[str, object] = {
+        "run": run,
+        "experiment": name if sep else run,
+        "seed": int(seed) if sep and seed.isdigit() else math.nan,
+    }
     sweep = d / "seeds" / "threshold_sweep.csv"
     if sweep.exists():
         chosen = sweep_chosen_row(read_sweep(sweep), source=sweep)
@@ -102,7 +119,9 @@ def summary_table(results: str | Path, runs: Sequence[str], fully_supervised: Op
     if fully_supervised:
         full = df[df["experiment"] == fully_supervised]
         if full.empty:
-            raise KeyError(f"tables.fully_supervised names {fully_supervised!r}, which is not an experiment; configured: {sorted(set(df['experiment']))}")
+            raise KeyError(
+                f"tables.fully_supervised names {fully_supervised!r}, which is not an experiment; configured: {sorted(set(df['experiment']))}"
+            )
         by_seed = dict(zip(full["seed"], full["deeplab_miou"]))
         mean = float(full["deeplab_miou"].mean())
         df["weak_full_ratio"] = [m / by_seed.get(s, mean) for m, s in zip(df["deeplab_miou"], df["seed"])]
@@ -114,8 +133,12 @@ def summary_table(results: str | Path, runs: Sequence[str], fully_supervised: Op
 
 def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Mean and (sample) standard deviation over seeds of every metric, one row per experiment."""
-    metrics = [c for c in summary.columns if c not in ("run", "experiment", "seed", "deeplab_pseudo_masks", "package_version")
-               and pd.api.types.is_numeric_dtype(summary[c])]
+    metrics = [
+        c
+        for c in summary.columns
+        if c not in ("run", "experiment", "seed", "deeplab_pseudo_masks", "package_version")
+        and pd.api.types.is_numeric_dtype(summary[c])
+    ]
     g = summary.groupby("experiment", sort=False)
     out = pd.DataFrame({"experiment": list(g.groups), "n_seeds": g.size().values})
     for c in metrics:
@@ -144,6 +167,7 @@ def ablation_markdown(ab: pd.DataFrame) -> str:
 
 def to_markdown(df: pd.DataFrame) -> str:
     """A GitHub Markdown table (percent for metrics, seconds for times); no extra dependency."""
+
     def fmt(col: str, v: object) -> str:
         if isinstance(v, float):
             if math.isnan(v):
@@ -164,9 +188,15 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n\nMetrics in percent, times in seconds; wsss " + __version__ + ".\n"
 
 
-def write_summary(results: str | Path, runs: Sequence[str], csv_path: str | Path, md_path: str | Path,
-                  fully_supervised: Optional[str] = None, ablation_csv: Optional[str | Path] = None,
-                  ablation_md: Optional[str | Path] = None) -> pd.DataFrame:
+def write_summary(
+    results: str | Path,
+    runs: Sequence[str],
+    csv_path: str | Path,
+    md_path: str | Path,
+    fully_supervised: Optional[str] = None,
+    ablation_csv: Optional[str | Path] = None,
+    ablation_md: Optional[str | Path] = None,
+) -> pd.DataFrame:
     df = summary_table(results, runs, fully_supervised)
     with atomic_path(csv_path) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")

@@ -43,7 +43,13 @@ def _fit(tile: np.ndarray, size: int) -> Image.Image:
     return canvas
 
 
-def gallery(rows: Sequence[Sequence[np.ndarray]], path, titles: Optional[Sequence[str]] = None, row_labels: Optional[Sequence[str]] = None, tile: int = 160) -> None:
+def gallery(
+    rows: Sequence[Sequence[np.ndarray]],
+    path,
+    titles: Optional[Sequence[str]] = None,
+    row_labels: Optional[Sequence[str]] = None,
+    tile: int = 160,
+) -> None:
     """Write a grid of RGB tiles (rows x columns) with optional column titles and row captions."""
     n_cols = max(len(r) for r in rows)
     head = 16 if titles else 0
@@ -64,7 +70,9 @@ def gallery(rows: Sequence[Sequence[np.ndarray]], path, titles: Optional[Sequenc
         canvas.save(tmp, format="PNG")
 
 
-def cam_overlay_rows(img: np.ndarray, gt: np.ndarray, high_res: np.ndarray, keys: Sequence[int], seed: np.ndarray, max_classes: int = 3) -> List[np.ndarray]:
+def cam_overlay_rows(
+    img: np.ndarray, gt: np.ndarray, high_res: np.ndarray, keys: Sequence[int], seed: np.ndarray, max_classes: int = 3
+) -> List[np.ndarray]:
     """One gallery row: image, GT overlay, one CAM overlay per class (up to ``max_classes``), seed."""
     row = [img, overlay_labels(img, gt)]
     for k in range(min(len(keys), max_classes)):
@@ -74,8 +82,18 @@ def cam_overlay_rows(img: np.ndarray, gt: np.ndarray, high_res: np.ndarray, keys
     return row
 
 
-CURVE_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-                 (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+CURVE_COLOURS = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
 def plot_curves(series: dict, path, title: str = "", size=(640, 360), xlabel: str = "step") -> None:
@@ -128,5 +146,5 @@ def training_curves(log_csv, path, title: str = "", smooth: int = 10) -> None:
     for c in df.columns:
         if c.startswith("loss_"):
             y = df[c].rolling(max(1, smooth), min_periods=1).mean().to_numpy()
-            series[c[len("loss_"):]] = (df["step"].to_numpy(), y)
+            series[c[len("loss_") :]] = (df["step"].to_numpy(), y)
     plot_curves(series, path, title=title)

@@ -1,4 +1,6 @@
-import sys; sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
+import sys
+
+sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
 import wsss
 from wsss.config import config_hash
 from wsss.data import open_dataset

@@ -1,4 +1,6 @@
-import sys; sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
+import sys
+
+sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
 from wsss.data import open_dataset, split_union
 from wsss.data.base import write_labels_csv
 from wsss.workflow.adapter import logged

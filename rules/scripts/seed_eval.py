@@ -1,4 +1,6 @@
-import sys; sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
+import sys
+
+sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
 from wsss.pipeline import evaluate_seeds
 from wsss.workflow.adapter import logged
 

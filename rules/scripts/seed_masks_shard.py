@@ -1,7 +1,11 @@
-import sys; sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
+import sys
+
+sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
 from wsss.pipeline import seed_masks_shard
 from wsss.workflow.adapter import logged, scatter_index
 
 with logged(snakemake):
     index, count = scatter_index(snakemake.wildcards.scatteritem)
-    seed_masks_shard(snakemake.params.cfg, list(snakemake.input.cams), snakemake.input.sweep, snakemake.output.marker, index, count)
+    seed_masks_shard(
+        snakemake.params.cfg, list(snakemake.input.cams), snakemake.input.sweep, snakemake.output.marker, index, count
+    )

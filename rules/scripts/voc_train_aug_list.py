@@ -1,4 +1,6 @@
-import sys; sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
+import sys
+
+sys.path.insert(0, snakemake.scriptdir + "/../..")  # the wsss package of this checkout
 from pathlib import Path
 
 from wsss.data.voc import VOC_LIST_SIZES, make_train_aug_list

@@ -75,7 +75,11 @@ class _Down(nn.Sequential):
 class _Up(nn.Module):
     def __init__(self, cin: int, cout: int, dropout: float):
         super().__init__()
-        layers: List[nn.Module] = [nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.InstanceNorm2d(cout), nn.ReLU(inplace=True)]
+        layers: List[nn.Module] = [
+            nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False),
+            nn.InstanceNorm2d(cout),
+            nn.ReLU(inplace=True),
+        ]
         if dropout:
             layers.append(nn.Dropout(dropout))
         self.model = nn.Sequential(*layers)
@@ -118,7 +122,9 @@ class UNetDecoder(nn.Module):
             skip_level = depth - j
             cin = ch[depth - 1] if j == 1 else 2 * ch[skip_level]
             self.ups.append(_Up(cin, ch[skip_level - 1], dropout=dropout if skip_level >= 4 else 0.0))
-        self.final = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2 * ch[0], out_channels, 3, padding=1))
+        self.final = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2 * ch[0], out_channels, 3, padding=1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -154,9 +160,16 @@ class ACRNet(nn.Module):
     ``feat`` (the 448-channel encoder feature at the input size)."""
 
     def __init__(
-        self, backbone: nn.Module, num_classes: int, head_dim: int = 256, encoder: bool = False,
-        taps: Optional[Sequence[str]] = None, dims: Sequence[int] = (64, 128, 256), unet_depth: int = 8,
-        unet_dropout: float = 0.5, unet_width: int = 64,
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        head_dim: int = 256,
+        encoder: bool = False,
+        taps: Optional[Sequence[str]] = None,
+        dims: Sequence[int] = (64, 128, 256),
+        unet_depth: int = 8,
+        unet_dropout: float = 0.5,
+        unet_width: int = 64,
     ):
         super().__init__()
         self.backbone = backbone
@@ -171,8 +184,12 @@ class ACRNet(nn.Module):
                 raise ValueError(f"recon_taps {list(self.taps)} and recon_dims {list(dims)} must have the same length")
             missing = [t for t in self.taps if t not in backbone.tap_channels]
             if missing:
-                raise ValueError(f"recon_taps {missing} are not taps of the backbone; valid: {list(backbone.tap_channels)}")
-            self.reduce = nn.ModuleList(nn.Conv2d(backbone.tap_channels[t], int(d), 1, bias=False) for t, d in zip(self.taps, dims))
+                raise ValueError(
+                    f"recon_taps {missing} are not taps of the backbone; valid: {list(backbone.tap_channels)}"
+                )
+            self.reduce = nn.ModuleList(
+                nn.Conv2d(backbone.tap_channels[t], int(d), 1, bias=False) for t, d in zip(self.taps, dims)
+            )
             self.decoder = UNetDecoder(sum(int(d) for d in dims), 3, unet_depth, unet_dropout, unet_width)
 
     def forward(self, x: torch.Tensor, with_feat: bool = False) -> Dict[str, torch.Tensor]:
@@ -182,7 +199,10 @@ class ACRNet(nn.Module):
         if with_feat:
             size = x.shape[-2:]
             out["feat"] = torch.cat(
-                [F.interpolate(conv(taps[t]), size=size, mode="bilinear", align_corners=False) for t, conv in zip(self.taps, self.reduce)],
+                [
+                    F.interpolate(conv(taps[t]), size=size, mode="bilinear", align_corners=False)
+                    for t, conv in zip(self.taps, self.reduce)
+                ],
                 dim=1,
             )
         return out
@@ -219,7 +239,9 @@ def srf_probability(epoch: int, p0: float = 0.2, p_step: float = 0.01) -> float:
     return float(min(1.0, max(0.0, p0 + p_step * epoch)))
 
 
-def srf_grid(batch: int, grid: int, p: float, size: Tuple[int, int], device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def srf_grid(
+    batch: int, grid: int, p: float, size: Tuple[int, int], device, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """``B x 1 x H x W`` binary map: a ``grid x grid`` Bernoulli(p) draw per image, nearest-upsampled."""
     cells = (torch.rand(batch, 1, grid, grid, device=device, generator=generator) < p).float()
     return F.interpolate(cells, size=size, mode="nearest")
@@ -282,7 +304,7 @@ def _load_part(module: nn.Module, path: str, prefix: str, what: str) -> None:
 
     state = load_model_state(Path(path))
     model = state.get("model", {})
-    sub = {k[len(prefix):]: v for k, v in model.items() if k.startswith(prefix)}
+    sub = {k[len(prefix) :]: v for k, v in model.items() if k.startswith(prefix)}
     if not sub:
         raise ValueError(
             f"ACR {what} {path}: no '{prefix}*' weights (method {state.get('method')!r}); it must be a model.pt of an 'acr' run"
@@ -290,7 +312,9 @@ def _load_part(module: nn.Module, path: str, prefix: str, what: str) -> None:
     try:
         module.load_state_dict(sub)
     except RuntimeError as e:
-        raise ValueError(f"ACR {what} {path} does not fit this {prefix.rstrip('.')} (backbone/options differ): {e}") from e
+        raise ValueError(
+            f"ACR {what} {path} does not fit this {prefix.rstrip('.')} (backbone/options differ): {e}"
+        ) from e
 
 
 @METHODS.register("acr")
@@ -354,18 +378,34 @@ class ACRMethod(Method):
             raise ValueError("acr reconstructor: frozen needs reconstructor_init (model.pt of an acr pretrain run)")
         self.num_classes = num_classes
         self.mode = reconstructor
-        self.srf, self.srf_grid, self.srf_p0, self.srf_p_step = bool(srf), int(srf_grid), float(srf_p0), float(srf_p_step)
+        self.srf, self.srf_grid, self.srf_p0, self.srf_p_step = (
+            bool(srf),
+            int(srf_grid),
+            float(srf_p0),
+            float(srf_p_step),
+        )
         self.ru_weight_t, self.ru_weight_nt = float(ru_weight_t), float(ru_weight_nt)
         self.ru_cls_weight, self.ru_full_weight = float(ru_cls_weight), float(ru_full_weight)
-        self.cls_weight, self.cu_weight_t, self.cu_weight_nt = float(cls_weight), float(cu_weight_t), float(cu_weight_nt)
+        self.cls_weight, self.cu_weight_t, self.cu_weight_nt = (
+            float(cls_weight),
+            float(cu_weight_t),
+            float(cu_weight_nt),
+        )
         self.cu_mask_mode = cu_masks
         self.head_lr_mult = float(head_lr_mult)
 
         recon_backbone = copy.deepcopy(backbone)  # same architecture and pretrained init (Net_recon)
         self.classifier = ACRNet(backbone, num_classes, head_dim)
         self.reconstructor = ACRNet(
-            recon_backbone, num_classes, head_dim, encoder=True, taps=recon_taps, dims=recon_dims,
-            unet_depth=unet_depth, unet_dropout=unet_dropout, unet_width=unet_width,
+            recon_backbone,
+            num_classes,
+            head_dim,
+            encoder=True,
+            taps=recon_taps,
+            dims=recon_dims,
+            unet_depth=unet_depth,
+            unet_dropout=unet_dropout,
+            unet_width=unet_width,
         )
         if classifier_init:
             _load_part(self.classifier, classifier_init, "classifier.", "classifier_init")
@@ -391,7 +431,11 @@ class ACRMethod(Method):
         c = self.classifier
         return [
             {"name": "backbone", "params": [p for p in c.backbone.parameters() if p.requires_grad], "lr_mult": 1.0},
-            {"name": "head", "params": [p for p in [c.fc8.weight, c.fc9.weight] if p.requires_grad], "lr_mult": self.head_lr_mult},
+            {
+                "name": "head",
+                "params": [p for p in [c.fc8.weight, c.fc9.weight] if p.requires_grad],
+                "lr_mult": self.head_lr_mult,
+            },
         ]
 
     def _recon_groups(self) -> List[Dict[str, Any]]:
@@ -414,7 +458,12 @@ class ACRMethod(Method):
         """The engine's optimiser: the classifier (or the reconstructor in ``pretrain`` mode)."""
         if self.mode == "pretrain":
             return [
-                {"name": g["name"], "params": g["params"], "lr_mult": g["lr_mult"], **({} if g["decay"] else {"weight_decay": 0.0})}
+                {
+                    "name": g["name"],
+                    "params": g["params"],
+                    "lr_mult": g["lr_mult"],
+                    **({} if g["decay"] else {"weight_decay": 0.0}),
+                }
                 for g in self._recon_groups()
             ]
         return self._classifier_groups()
@@ -444,7 +493,9 @@ class ACRMethod(Method):
         if self.recon_optimizer is None:
             return
         if not state or "recon_optimizer" not in state:
-            raise RuntimeError("the checkpoint has no state of ACR's reconstructor optimiser (written by another version?)")
+            raise RuntimeError(
+                "the checkpoint has no state of ACR's reconstructor optimiser (written by another version?)"
+            )
         self.recon_optimizer.load_state_dict(state["recon_optimizer"])
 
     def _sync_recon_optimizer(self, engine_optimizer: torch.optim.Optimizer) -> None:
@@ -459,15 +510,25 @@ class ACRMethod(Method):
             g["weight_decay"] = d.get("weight_decay", 0.0) if g["decay"] else 0.0
 
     # -- phases --------------------------------------------------------------------------------
-    def _target_and_grid(self, labels: torch.Tensor, size: Tuple[int, int], epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _target_and_grid(
+        self, labels: torch.Tensor, size: Tuple[int, int], epoch: int
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         target = sample_target_classes(labels)
         if self.srf:
-            g = srf_grid(labels.shape[0], self.srf_grid, srf_probability(epoch, self.srf_p0, self.srf_p_step), size, labels.device)
+            g = srf_grid(
+                labels.shape[0],
+                self.srf_grid,
+                srf_probability(epoch, self.srf_p0, self.srf_p_step),
+                size,
+                labels.device,
+            )
         else:
             g = torch.ones(labels.shape[0], 1, *size, device=labels.device)
         return target, g
 
-    def ru_losses(self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, g: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def ru_losses(
+        self, images: torch.Tensor, labels: torch.Tensor, target: torch.Tensor, g: torch.Tensor
+    ) -> Dict[str, torch.Tensor]:
         """RU-phase terms (reconstructor trainable, classifier used without grad)."""
         size = images.shape[-2:]
         with torch.no_grad():
@@ -476,7 +537,9 @@ class ACRMethod(Method):
         out = self.reconstructor(images, with_feat=True)
         feat = out["feat"]
         b = images.shape[0]
-        rec = self.reconstructor.decoder(torch.cat([feat.detach(), feat * m["in_t"].to(feat.dtype), feat * m["in_nt"].to(feat.dtype)]))
+        rec = self.reconstructor.decoder(
+            torch.cat([feat.detach(), feat * m["in_t"].to(feat.dtype), feat * m["in_nt"].to(feat.dtype)])
+        )
         x_full, x_t, x_nt = rec[:b], rec[b : 2 * b], rec[2 * b :]
         valid = m["in_nt"].flatten(1).sum(1) > VALID_MIN_PIXELS
         return {
@@ -497,7 +560,9 @@ class ACRMethod(Method):
         if self.cu_weight_t == 0 and self.cu_weight_nt == 0:
             return terms
         with torch.no_grad():
-            seg = F.interpolate(out["cams"].float(), size=size, mode="bilinear", align_corners=False).argmax(dim=1, keepdim=True)
+            seg = F.interpolate(out["cams"].float(), size=size, mode="bilinear", align_corners=False).argmax(
+                dim=1, keepdim=True
+            )
             seg_is_target = seg == target[:, None, None, None]
         m = cu_masks(a_t, seg_is_target, self.cu_mask_mode)
         b = images.shape[0]
@@ -511,12 +576,16 @@ class ACRMethod(Method):
     def _update(self, terms: Dict[str, torch.Tensor], optimizer, scaler, ctx: StepContext, phase: str) -> float:
         total = sum(terms.values())
         if not torch.isfinite(total):
-            raise FloatingPointError(f"ACR {phase} phase: non-finite loss at step {ctx.step}: { {k: float(v) for k, v in terms.items()} }")
+            raise FloatingPointError(
+                f"ACR {phase} phase: non-finite loss at step {ctx.step}: { {k: float(v) for k, v in terms.items()} }"
+            )
         scaler.scale(total).backward()
         scaler.step(optimizer)
         return float(total.detach())
 
-    def ru_step(self, batch: Dict[str, Any], ctx: StepContext, optimizer, scaler, target=None, g=None) -> Dict[str, float]:
+    def ru_step(
+        self, batch: Dict[str, Any], ctx: StepContext, optimizer, scaler, target=None, g=None
+    ) -> Dict[str, float]:
         """Reconstructor-updating phase: one step of ``optimizer`` (the reconstructor's)."""
         images, labels = batch["image"], batch["label"]
         if target is None or g is None:

@@ -182,8 +182,13 @@ class AEFTMethod(GPPMethod):
         cls_first_n: int = 8,
     ):
         super().__init__(
-            num_classes, backbone, bins=bins, aggregation=aggregation, hidden_channels=hidden_channels,
-            head_lr_mult=head_lr_mult, cls_weight=cls_weight,
+            num_classes,
+            backbone,
+            bins=bins,
+            aggregation=aggregation,
+            hidden_channels=hidden_channels,
+            head_lr_mult=head_lr_mult,
+            cls_weight=cls_weight,
         )
         self.attract = bool(attract)
         self.repel = bool(repel)
@@ -200,8 +205,12 @@ class AEFTMethod(GPPMethod):
         self.margin = float(margin)
         self.t_high, self.t_low, self.t_neg = float(t_high), float(t_low), float(t_neg)
         self.detach_mask = bool(detach_mask)
-        for key, v in (("min_hard_triplets", min_hard_triplets), ("triplet_start_epoch", triplet_start_epoch),
-                       ("early_batch_size", early_batch_size), ("cls_first_n", cls_first_n)):
+        for key, v in (
+            ("min_hard_triplets", min_hard_triplets),
+            ("triplet_start_epoch", triplet_start_epoch),
+            ("early_batch_size", early_batch_size),
+            ("cls_first_n", cls_first_n),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{key} must be a non-negative integer, got {v!r}")
         self.min_hard_triplets = min_hard_triplets

@@ -60,6 +60,8 @@ class CAMMethod(Method):
         cams = self.classifier(feats)
         return {"features": feats, "cams": cams, "logits": cams.mean(dim=(2, 3))}
 
-    def losses_from_outputs(self, batch: Dict[str, Any], ctx: StepContext, outputs: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def losses_from_outputs(
+        self, batch: Dict[str, Any], ctx: StepContext, outputs: Dict[str, torch.Tensor]
+    ) -> Dict[str, torch.Tensor]:
         """:meth:`losses` computed from :meth:`features_and_cams` outputs of ``batch["image"]``."""
         return {"cls": self.cls_weight * F.multilabel_soft_margin_loss(outputs["logits"], batch["label"])}

@@ -205,8 +205,12 @@ class GPPMethod(Method):
         self.backbone = backbone
         self.num_classes = num_classes
         self.head = GPPHead(
-            backbone.out_channels, num_classes, hidden_channels=hidden_channels, bins=bins,
-            aggregation=aggregation, background=self._background,
+            backbone.out_channels,
+            num_classes,
+            hidden_channels=hidden_channels,
+            bins=bins,
+            aggregation=aggregation,
+            background=self._background,
         )
         self.head_lr_mult = float(head_lr_mult)
         self.cls_weight = float(cls_weight)

@@ -57,13 +57,17 @@ def max_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return F.relu(x - mn - eps) / (mx - mn + eps)
 
 
-def sample_pixel_indices(weights: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def sample_pixel_indices(
+    weights: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """``N`` pixel indices per row of ``weights`` (``R x P``, non-negative), drawn with replacement
     with probability proportional to the weights (``torch.multinomial``; not differentiable)."""
     return torch.multinomial(weights.detach().float(), num_samples, replacement=True, generator=generator)
 
 
-def isl_binomial(cams: torch.Tensor, labels: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def isl_binomial(
+    cams: torch.Tensor, labels: torch.Tensor, num_samples: int, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """Binomial multi-sample ISL (Eqs. 14, 15, 18; ``HFPL:probutils.sample_probs``).
 
     ``cams``: raw class scores ``B x C x h x w`` (logits); ``labels``: ``B x C`` multi-hot. Sampling
@@ -88,7 +92,10 @@ def multinomial_posterior(cams: torch.Tensor, bg: Optional[torch.Tensor] = None)
 
 
 def isl_multinomial(
-    cams: torch.Tensor, labels: torch.Tensor, num_samples: int, bg: Optional[torch.Tensor] = None,
+    cams: torch.Tensor,
+    labels: torch.Tensor,
+    num_samples: int,
+    bg: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Multinomial multi-sample ISL (Eqs. 5-8 of the ICASSP version, for the ablation): sampling
@@ -129,7 +136,12 @@ def _grid_positions(h: int, w: int, device) -> torch.Tensor:
 
 
 def fsl_pair_weights(
-    colours_rows: torch.Tensor, colours: torch.Tensor, pos_rows: torch.Tensor, pos: torch.Tensor, mu: float, sigma: float
+    colours_rows: torch.Tensor,
+    colours: torch.Tensor,
+    pos_rows: torch.Tensor,
+    pos: torch.Tensor,
+    mu: float,
+    sigma: float,
 ) -> torch.Tensor:
     """``W_ij = k_ij * f(delta_ij)`` for a block of rows (Eqs. 10, 12, 13; HFPL clamps delta).
 
@@ -158,7 +170,9 @@ def fsl_loss_naive(pred: torch.Tensor, colours: torch.Tensor, mu: float = 2.5, s
     return -(wts * dy).sum() / (b * h * w)
 
 
-def fsl_loss(pred: torch.Tensor, colours: torch.Tensor, mu: float = 2.5, sigma: float = 5.0, chunk: int = 256) -> torch.Tensor:
+def fsl_loss(
+    pred: torch.Tensor, colours: torch.Tensor, mu: float = 2.5, sigma: float = 5.0, chunk: int = 256
+) -> torch.Tensor:
     """FSL over all pixel pairs, exact, with memory ``O(B * chunk * P)`` instead of ``O(B * P^2)``.
 
     With ``W`` symmetric and constant (it depends on colours and positions only),
@@ -192,7 +206,9 @@ def fsl_loss(pred: torch.Tensor, colours: torch.Tensor, mu: float = 2.5, sigma: 
 
 def supports_islfsl(method_or_class: Any) -> bool:
     """Whether a method (class or instance) implements the ISL/FSL protocol."""
-    return callable(getattr(method_or_class, "features_and_cams", None)) and not getattr(method_or_class, "is_islfsl_addon", False)
+    return callable(getattr(method_or_class, "features_and_cams", None)) and not getattr(
+        method_or_class, "is_islfsl_addon", False
+    )
 
 
 class ISLFSL(Method):
@@ -236,7 +252,9 @@ class ISLFSL(Method):
                 "(features_and_cams); see docs/methods/islfsl.md"
             )
         if getattr(type(base), "train_step", None) is not None:
-            raise TypeError(f"method {base.name!r} takes over the update (train_step); the ISL/FSL add-on needs losses()")
+            raise TypeError(
+                f"method {base.name!r} takes over the update (train_step); the ISL/FSL add-on needs losses()"
+            )
         if posterior not in POSTERIORS:
             raise ValueError(f"islfsl.posterior must be one of {POSTERIORS}, got {posterior!r}")
         if int(num_samples) < 1:
@@ -350,7 +368,9 @@ def build_islfsl(
     if base_name.endswith(SUFFIX):
         raise ValueError(f"method '{base_name}{SUFFIX}': the ISL/FSL add-on cannot be applied twice")
     if base_name not in METHODS:
-        raise KeyError(f"unknown method {base_name!r} in '{base_name}{SUFFIX}'; valid names: {', '.join(METHODS.names())}")
+        raise KeyError(
+            f"unknown method {base_name!r} in '{base_name}{SUFFIX}'; valid names: {', '.join(METHODS.names())}"
+        )
     if not supports_islfsl(METHODS.get(base_name)):
         raise TypeError(
             f"method {base_name!r} does not implement the ISL/FSL protocol (features_and_cams); "

@@ -90,7 +90,9 @@ def concat_pair(a: torch.Tensor, b: torch.Tensor, axis: str = "height") -> torch
     raise ValueError(f"concat_axis must be one of {', '.join(CONCAT_AXES)}, got {axis!r}")
 
 
-def ktse_transfer_hinge(target: torch.Tensor, pair_cam: torch.Tensor, labels: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
+def ktse_transfer_hinge(
+    target: torch.Tensor, pair_cam: torch.Tensor, labels: torch.Tensor, margin: float = 0.05
+) -> torch.Tensor:
     """Eq. 3 (code): ``mean(relu(target - pair_cam - margin) * y)`` over ``N x C x h x w`` (raw CAMs).
     Gradients reach both ``target`` and ``pair_cam`` (bidirectional)."""
     return (F.relu(target - pair_cam - margin) * labels[:, :, None, None]).mean()
@@ -179,7 +181,9 @@ def two_threshold_pseudo_labels(
         maps.append(F.interpolate(with_bg, size=small, mode="bilinear", align_corners=False))
     out = torch.full((2, b, hh, ww), ignore_index, dtype=torch.long, device=cam.device)
     for i in range(b):
-        keys = torch.cat([torch.zeros(1, dtype=torch.long, device=cam.device), torch.nonzero(labels[i] > 0.5).flatten() + 1])
+        keys = torch.cat(
+            [torch.zeros(1, dtype=torch.long, device=cam.device), torch.nonzero(labels[i] > 0.5).flatten() + 1]
+        )
         k = len(keys)
         probs = torch.cat([F.softmax(m[i, keys], dim=0) for m in maps], dim=0)[None]  # 1 x 2k x h' x w'
         if use_par:
@@ -255,8 +259,13 @@ class KTSEMethod(GPPMethod):
         rigid_weight: float = 1.0,
     ):
         super().__init__(
-            num_classes, backbone, bins=bins, aggregation=aggregation, hidden_channels=hidden_channels,
-            head_lr_mult=head_lr_mult, cls_weight=cls_weight,
+            num_classes,
+            backbone,
+            bins=bins,
+            aggregation=aggregation,
+            hidden_channels=hidden_channels,
+            head_lr_mult=head_lr_mult,
+            cls_weight=cls_weight,
         )
         self.sie, self.ssr, self.mga = bool(sie), bool(ssr), bool(mga)
         self.mga_mode = _choice("mga_mode", mga_mode, MGA_MODES)
@@ -264,8 +273,12 @@ class KTSEMethod(GPPMethod):
         self.mask_mode = _choice("mask_mode", mask_mode, MASK_MODES)
         if self.mga and self.mga_mode == "gpp" and not self.head.bins:
             raise ValueError("mga_mode 'gpp' needs a GPP layer; bins must not be empty")
-        for key, v in (("start_epoch", start_epoch), ("early_batch_size", early_batch_size),
-                       ("num_pairs", num_pairs), ("par_iterations", par_iterations)):
+        for key, v in (
+            ("start_epoch", start_epoch),
+            ("early_batch_size", early_batch_size),
+            ("num_pairs", num_pairs),
+            ("par_iterations", par_iterations),
+        ):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{key} must be a non-negative integer, got {v!r}")
         if not 0.0 < float(par_scale) <= 1.0:
@@ -318,8 +331,15 @@ class KTSEMethod(GPPMethod):
 
     def pseudo_labels(self, cam: torch.Tensor, labels: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         return two_threshold_pseudo_labels(
-            cam.detach(), labels, image.detach(), high=self.pseudo_high, low=self.pseudo_low, use_par=self.use_par,
-            scale=self.par_scale, dilations=self.par_dilations, num_iter=self.par_iterations,
+            cam.detach(),
+            labels,
+            image.detach(),
+            high=self.pseudo_high,
+            low=self.pseudo_low,
+            use_par=self.use_par,
+            scale=self.par_scale,
+            dilations=self.par_dilations,
+            num_iter=self.par_iterations,
         )
 
     # -- training ------------------------------------------------------------------------------
@@ -365,7 +385,9 @@ class KTSEMethod(GPPMethod):
                 if pair_cam.shape[-2:] != target.shape[-2:]:
                     pair_cam = F.interpolate(pair_cam, size=target.shape[-2:], mode="bilinear", align_corners=False)
                 y_pair = torch.maximum(y[anchors], y[mates])
-                terms["kt"] = self.kt_weight * ktse_transfer_hinge(target.float(), pair_cam.float(), y_pair, self.kt_margin)
+                terms["kt"] = self.kt_weight * ktse_transfer_hinge(
+                    target.float(), pair_cam.float(), y_pair, self.kt_margin
+                )
                 if self.ssr:
                     pseudo_pair = concat_pair(pseudo[anchors], pseudo[mates], self.concat_axis)
                     scores_two = self._seg_scores(out_two.cam_seg, tuple(pseudo_pair.shape[-2:]))

@@ -81,7 +81,9 @@ def par_refine(
     reference does); the result is ``B x K x H x W``. ``num_iter=0`` returns the resized masks.
     """
     if image.dim() != 4 or masks.dim() != 4 or image.shape[0] != masks.shape[0]:
-        raise ValueError(f"image {tuple(image.shape)} and masks {tuple(masks.shape)} must be B x C x H x W with the same B")
+        raise ValueError(
+            f"image {tuple(image.shape)} and masks {tuple(masks.shape)} must be B x C x H x W with the same B"
+        )
     if num_iter < 0:
         raise ValueError(f"num_iter must be >= 0, got {num_iter}")
     dilations = [int(d) for d in dilations]

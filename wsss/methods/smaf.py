@@ -54,8 +54,12 @@ def rescale_images(images: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def fuse_multiscale(
-    cam_fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, scales: Sequence[float], flip: bool,
-    size: Tuple[int, int], chunk: Optional[int] = None,
+    cam_fn: Callable[[torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    scales: Sequence[float],
+    flip: bool,
+    size: Tuple[int, int],
+    chunk: Optional[int] = None,
 ) -> torch.Tensor:
     """Sum over scales (and flips) of ``cam_fn`` maps resized to ``size`` (bilinear,
     ``align_corners=False``), ``B x C x h x w`` float32 (paper Eq. 6, ``gen_fused_cam.py``).
@@ -123,22 +127,30 @@ def epochs_for_iterations(iterations: int, n_images: int, batch_size: int, drop_
 # ----------------------------------------------------------------------------------------------
 
 
-def _read_teacher(teacher_path: str, teacher_config: Optional[Mapping[str, Any]]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+def _read_teacher(
+    teacher_path: str, teacher_config: Optional[Mapping[str, Any]]
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     from ..engine import load_model_state
 
     state = load_model_state(Path(teacher_path))
     if "model" not in state:
-        raise ValueError(f"SMAF teacher {teacher_path} has no 'model' weights; it must be a model.pt written by wsss.engine.train")
+        raise ValueError(
+            f"SMAF teacher {teacher_path} has no 'model' weights; it must be a model.pt written by wsss.engine.train"
+        )
     if teacher_config is None:
         teacher_config = (state.get("config") or {}).get("classifier")
         if not teacher_config:
-            raise ValueError(f"SMAF teacher {teacher_path} records no classifier config; pass method_options.teacher_config")
+            raise ValueError(
+                f"SMAF teacher {teacher_path} records no classifier config; pass method_options.teacher_config"
+            )
     tcfg = dict(teacher_config)
     for key in ("method", "backbone"):
         if key not in tcfg:
             raise ValueError(f"SMAF teacher_config needs '{key}' (the teacher experiment's classifier section)")
     if state.get("method") and state["method"] != tcfg["method"]:
-        raise ValueError(f"SMAF teacher {teacher_path} was trained with method {state['method']!r}, teacher_config says {tcfg['method']!r}")
+        raise ValueError(
+            f"SMAF teacher {teacher_path} was trained with method {state['method']!r}, teacher_config says {tcfg['method']!r}"
+        )
     return state, tcfg
 
 
@@ -192,7 +204,9 @@ class SMAFMethod(Method):
 
         state, tcfg = _read_teacher(self.teacher_path, teacher_config)
         self.teacher_config = tcfg
-        self.student = build_method(tcfg["method"], num_classes=num_classes, backbone=backbone, **dict(tcfg.get("method_options") or {}))
+        self.student = build_method(
+            tcfg["method"], num_classes=num_classes, backbone=backbone, **dict(tcfg.get("method_options") or {})
+        )
         try:
             self.student.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -266,8 +280,11 @@ class SMAFMethod(Method):
         if not self._teacher:
             state, tcfg = _read_teacher(self.teacher_path, self.teacher_config)
             c = {
-                "method": tcfg["method"], "method_options": dict(tcfg.get("method_options") or {}),
-                "backbone": tcfg["backbone"], "pretrained": "none", "backbone_options": dict(tcfg.get("backbone_options") or {}),
+                "method": tcfg["method"],
+                "method_options": dict(tcfg.get("method_options") or {}),
+                "backbone": tcfg["backbone"],
+                "pretrained": "none",
+                "backbone_options": dict(tcfg.get("backbone_options") or {}),
             }
             t = build_classifier({"classifier": c}, self.num_classes, pretrained="none")
             t.load_state_dict(state["model"])

@@ -87,9 +87,7 @@ class Backbone(nn.Module):
             self._num_frozen_stages = names.index(arg)
         else:
             valid = ", ".join([_ALL] + names)
-            raise ValueError(
-                f"{type(self).__name__}: unknown trainable_from {arg!r}; valid values: None, {valid}"
-            )
+            raise ValueError(f"{type(self).__name__}: unknown trainable_from {arg!r}; valid values: None, {valid}")
         self._frozen_stage_names = frozenset(names[: self._num_frozen_stages])
         self.train(self.training)
 

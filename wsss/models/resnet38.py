@@ -82,9 +82,7 @@ class ResBlockBottleneck(nn.Module):
     """Pre-activation bottleneck: BN-ReLU, 1x1 (out/4), BN-ReLU-Dropout2d, 3x3 dilated (out/2),
     BN-ReLU-Dropout2d, 1x1 (out); shortcut is a 1x1 conv of the BN-ReLU'd input."""
 
-    def __init__(
-        self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1, dropout: float = 0.0
-    ):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, dilation: int = 1, dropout: float = 0.0):
         super().__init__()
         q, h = out_channels // 4, out_channels // 2
         self.bn_branch2a = nn.BatchNorm2d(in_channels)

@@ -60,9 +60,7 @@ class LoadReport:
     unexpected: List[str]
 
 
-def load_pretrained(
-    module: nn.Module, spec: Union[str, os.PathLike, None], arch: str
-) -> Optional[LoadReport]:
+def load_pretrained(module: nn.Module, spec: Union[str, os.PathLike, None], arch: str) -> Optional[LoadReport]:
     """Load the weights named by ``spec`` into ``module`` (a backbone registered as ``arch``).
 
     Returns ``None`` for ``"none"``, else a :class:`LoadReport`. Raises
@@ -100,9 +98,7 @@ def _torchvision_imagenet(arch: str, tag: str) -> "tuple[Dict[str, torch.Tensor]
         weights = enum_cls[tag]
     except KeyError:
         have = ", ".join(w.name for w in enum_cls)
-        raise PretrainedWeightsError(
-            f"torchvision has no {tag} weights for {base} (it has: {have})"
-        ) from None
+        raise PretrainedWeightsError(f"torchvision has no {tag} weights for {base} (it has: {have})") from None
     name = f"{enum_cls.__name__}.{tag}"
     try:
         state = weights.get_state_dict(progress=True)
@@ -138,9 +134,7 @@ def read_state_dict(path: Union[str, os.PathLike]) -> Dict[str, torch.Tensor]:
         else:
             hint = "it must be a torch.save file that torch.load(weights_only=True) accepts"
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PretrainedWeightsError(
-            f"could not read pretrained weights file {path} ({hint}): {first_line}"
-        ) from err
+        raise PretrainedWeightsError(f"could not read pretrained weights file {path} ({hint}): {first_line}") from err
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -197,20 +191,25 @@ def load_state_dict_into(
         if v.shape != own[k].shape
     ]
     if bad:
-        raise PretrainedWeightsError(
-            f"{len(bad)} tensors in {source} do not fit {what}: " + "; ".join(bad[:5])
-        )
+        raise PretrainedWeightsError(f"{len(bad)} tensors in {source} do not fit {what}: " + "; ".join(bad[:5]))
     module.load_state_dict(matched, strict=False)
     missing = [k for k in own if k not in matched and not k.endswith(_IGNORED_MISSING_SUFFIX)]
     unexpected = [k for k in state if k not in own]
     logger.info(
         "loaded %d tensors into %s from %s; %d backbone keys missing from the file, %d file keys unused",
-        len(matched), what, source, len(missing), len(unexpected),
+        len(matched),
+        what,
+        source,
+        len(missing),
+        len(unexpected),
     )
     if missing:
         logger.warning(
             "%d keys of %s not in %s (left at their initial values), e.g. %s",
-            len(missing), what, source, missing[:5],
+            len(missing),
+            what,
+            source,
+            missing[:5],
         )
     if unexpected:
         logger.debug("unused keys in %s: %s", source, unexpected)

@@ -117,8 +117,13 @@ def psa_training_label(la: Any, ha: Any, stride: int = 8) -> np.ndarray:
     return psa_label(downsample_label(la, stride), downsample_label(ha, stride))
 
 
-def crf_label_pair(img: np.ndarray, high_res: np.ndarray, keys: Sequence[int], params: Union[AffinityLabelParams, Mapping[str, Any], None] = None,
-                   crf_fn: Optional[Callable[..., Tuple[np.ndarray, np.ndarray]]] = None) -> Tuple[np.ndarray, np.ndarray]:
+def crf_label_pair(
+    img: np.ndarray,
+    high_res: np.ndarray,
+    keys: Sequence[int],
+    params: Union[AffinityLabelParams, Mapping[str, Any], None] = None,
+    crf_fn: Optional[Callable[..., Tuple[np.ndarray, np.ndarray]]] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
     """The low-alpha and high-alpha CRF label maps of one image (``infer_cls.py`` of PSA: "CRF with
     alpha" at ``low_alpha`` and ``high_alpha``; default ``crf_fn`` :func:`wsss.refine.crf.crf_with_alpha`).
     Returns ``(la, ha)``, uint8 label ids ``H × W``."""
@@ -195,7 +200,14 @@ def make_affinity_labels(
         return all(q.exists() for q in label_pair_paths(out_dir, i))
 
     return map_images(
-        ids, lambda i: _label_one(ds, store, out_dir, p, crf_fn, i), exists=exists, journal=journal, workers=workers,
-        worker_fn=_label_in_worker, initializer=_init_label_worker, initargs=(ds, store, out_dir, p, crf_fn),
-        desc="AffinityNet labels", progress=progress,
+        ids,
+        lambda i: _label_one(ds, store, out_dir, p, crf_fn, i),
+        exists=exists,
+        journal=journal,
+        workers=workers,
+        worker_fn=_label_in_worker,
+        initializer=_init_label_worker,
+        initargs=(ds, store, out_dir, p, crf_fn),
+        desc="AffinityNet labels",
+        progress=progress,
     )

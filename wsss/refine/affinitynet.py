@@ -173,7 +173,9 @@ def psa_pairs(size: Tuple[int, int], radius: int = 5) -> PairIndex:
     return PairIndex(int(radius), (h, w), dirs, src, dst)
 
 
-def affinity_pair_labels(label: Any, pairs: PairIndex, ignore_index: int = IGNORE) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def affinity_pair_labels(
+    label: Any, pairs: PairIndex, ignore_index: int = IGNORE
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(bg, fg, neg)`` float ``[B, D, M]`` (``[D, M]`` for a 2-D label) of every pair of ``pairs``
     (reference ``ExtractAffinityLabelInRadius``): ``bg`` = both ends background (0); ``fg`` = both
     ends the same foreground label, neither 255; ``neg`` = different labels, neither 255. Pairs with
@@ -212,7 +214,9 @@ def pair_affinity(feat: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def affinity_loss_terms(aff: torch.Tensor, bg: torch.Tensor, fg: torch.Tensor, neg: torch.Tensor) -> Dict[str, torch.Tensor]:
+def affinity_loss_terms(
+    aff: torch.Tensor, bg: torch.Tensor, fg: torch.Tensor, neg: torch.Tensor
+) -> Dict[str, torch.Tensor]:
     """The unweighted PSA loss terms (``train_aff.py``), sums over the whole batch:
     ``bg = Σ bg·(−log(a + ε)) / (Σ bg + ε)``, ``fg`` likewise, ``neg = Σ neg·(−log(1 + ε − a)) /
     (Σ neg + ε)``, ``ε = 1e-5``. The reference total is ``bg/4 + fg/4 + neg/2``."""
@@ -286,8 +290,10 @@ class AffinityNetMethod(Method):
         taps = tuple(taps)
         unknown = [t for t in taps if t not in backbone.tap_channels]
         if unknown:
-            raise ValueError(f"AffinityNet: unknown tap(s) {unknown} for backbone {self.backbone_name!r}; "
-                             f"valid: {', '.join(backbone.tap_channels)}")
+            raise ValueError(
+                f"AffinityNet: unknown tap(s) {unknown} for backbone {self.backbone_name!r}; "
+                f"valid: {', '.join(backbone.tap_channels)}"
+            )
         widths = tuple(int(w) for w in widths)
         if len(widths) != len(taps):
             if len(taps) == len(_PSA_WIDTHS):
@@ -295,7 +301,9 @@ class AffinityNetMethod(Method):
             else:
                 raise ValueError(f"AffinityNet: {len(widths)} widths for {len(taps)} taps")
         self.taps, self.widths = taps, widths
-        self.reduce = nn.ModuleList([nn.Conv2d(backbone.tap_channels[t], w, 1, bias=False) for t, w in zip(taps, widths)])
+        self.reduce = nn.ModuleList(
+            [nn.Conv2d(backbone.tap_channels[t], w, 1, bias=False) for t, w in zip(taps, widths)]
+        )
         total = sum(widths)
         self.out_channels = int(out_channels or total)
         self.f9 = nn.Conv2d(total, self.out_channels, 1, bias=False)
@@ -318,15 +326,27 @@ class AffinityNetMethod(Method):
     def param_groups(self) -> List[Dict[str, Any]]:
         return [
             {"name": "backbone", "params": [p for p in self.backbone.parameters() if p.requires_grad], "lr_mult": 1.0},
-            {"name": "head", "params": [p for m in self.head_modules() for p in m.parameters()], "lr_mult": self.head_lr_mult},
+            {
+                "name": "head",
+                "params": [p for m in self.head_modules() for p in m.parameters()],
+                "lr_mult": self.head_lr_mult,
+            },
         ]
 
     def arch(self) -> Dict[str, Any]:
         """What :func:`AffinityNetMethod` needs to be rebuilt (stored in a model file)."""
-        return {"backbone": self.backbone_name, "trainable_from": self.trainable_from_arg, "taps": list(self.taps),
-                "widths": list(self.widths), "out_channels": self.out_channels, "radius": self.radius,
-                "head_lr_mult": self.head_lr_mult, "bg_weight": self.loss_weights["bg"],
-                "fg_weight": self.loss_weights["fg"], "neg_weight": self.loss_weights["neg"]}
+        return {
+            "backbone": self.backbone_name,
+            "trainable_from": self.trainable_from_arg,
+            "taps": list(self.taps),
+            "widths": list(self.widths),
+            "out_channels": self.out_channels,
+            "radius": self.radius,
+            "head_lr_mult": self.head_lr_mult,
+            "bg_weight": self.loss_weights["bg"],
+            "fg_weight": self.loss_weights["fg"],
+            "neg_weight": self.loss_weights["neg"],
+        }
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -356,8 +376,10 @@ class AffinityNetMethod(Method):
         aff, pairs = self.affinities(batch["image"])
         label = batch["label"]
         if tuple(label.shape[-2:]) != pairs.size:
-            raise ValueError(f"AffinityNet label {tuple(label.shape[-2:])} does not match the feature grid {pairs.size} of a "
-                             f"{tuple(batch['image'].shape[-2:])} crop")
+            raise ValueError(
+                f"AffinityNet label {tuple(label.shape[-2:])} does not match the feature grid {pairs.size} of a "
+                f"{tuple(batch['image'].shape[-2:])} crop"
+            )
         raw = affinity_loss_terms(aff, *affinity_pair_labels(label, pairs))
         self.last_components = {k: float(v.detach()) for k, v in raw.items()}
         return {k: self.loss_weights[k] * v for k, v in raw.items()}
@@ -376,9 +398,17 @@ class AffinityTrainSet(torch.utils.data.Dataset):
     ``image`` (float32 ``3 × crop × crop``), ``label`` (int64 ``crop/stride`` square), ``index``, ``id``.
     """
 
-    def __init__(self, ds: Any, ids: Sequence[str], load_pair: Callable[[str], Tuple[np.ndarray, np.ndarray]],
-                 crop_size: int = 448, stride: int = 8, hflip: bool = True,
-                 color_jitter: Optional[Sequence[float]] = (0.3, 0.3, 0.3, 0.1), seed: int = 0):
+    def __init__(
+        self,
+        ds: Any,
+        ids: Sequence[str],
+        load_pair: Callable[[str], Tuple[np.ndarray, np.ndarray]],
+        crop_size: int = 448,
+        stride: int = 8,
+        hflip: bool = True,
+        color_jitter: Optional[Sequence[float]] = (0.3, 0.3, 0.3, 0.1),
+        seed: int = 0,
+    ):
         if crop_size % stride:
             raise ValueError(f"crop_size {crop_size} must be a multiple of the feature stride {stride}")
         self.ds, self.ids, self.load_pair = ds, list(ids), load_pair
@@ -422,7 +452,9 @@ class AffinityTrainSet(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
-def psa_cam_scores(high_res: Any, alpha: float, stride: int = 8, padded_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+def psa_cam_scores(
+    high_res: Any, alpha: float, stride: int = 8, padded_size: Optional[Tuple[int, int]] = None
+) -> np.ndarray:
     """The walk's input (reference ``infer_aff.py``): background ``(1 − max_k CAM_k)^alpha`` stacked
     before the ``K`` CAMs (``K × H × W`` in [0, 1]) at image resolution, zero-padded at the bottom/right
     to ``padded_size`` (default: a multiple of ``stride``), averaged over ``stride × stride`` blocks.
@@ -444,11 +476,15 @@ def psa_cam_scores(high_res: Any, alpha: float, stride: int = 8, padded_size: Op
     return downsample_scores(full, stride)
 
 
-def _check_walk(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float, logt: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _check_walk(
+    cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float, logt: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     cam = torch.as_tensor(cam)
     aff = torch.as_tensor(aff)
     if cam.dim() != 3 or tuple(cam.shape[1:]) != tuple(pairs.size):
-        raise ValueError(f"random walk: cam must have shape (C, {pairs.size[0]}, {pairs.size[1]}), got {tuple(cam.shape)}")
+        raise ValueError(
+            f"random walk: cam must have shape (C, {pairs.size[0]}, {pairs.size[1]}), got {tuple(cam.shape)}"
+        )
     if aff.dim() == 3 and aff.shape[0] == 1:
         aff = aff[0]
     if tuple(aff.shape) != tuple(pairs.dst.shape):
@@ -479,7 +515,9 @@ def dense_affinity_matrix(aff: torch.Tensor, pairs: PairIndex) -> torch.Tensor:
     return mat
 
 
-def random_walk_dense(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0, logt: int = 8) -> torch.Tensor:
+def random_walk_dense(
+    cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0, logt: int = 8
+) -> torch.Tensor:
     """The reference walk (``infer_aff.py``): ``A = aff^β`` (dense, identity diagonal), ``T = A /
     colsum(A)``, ``T ← T·T`` ``logt`` times (``T^(2^logt)``), ``rw = cam_vec · T``. ``cam``
     ``C × h × w`` → ``C × h × w``. Memory ``O(N²)``, time ``O(logt · N³)``: for tests only."""
@@ -492,7 +530,9 @@ def random_walk_dense(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, be
     return (cam.reshape(c, h * w) @ trans).view(c, h, w)
 
 
-def transition_stencil(aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0) -> Tuple[List[Tuple[int, int]], torch.Tensor, torch.Tensor]:
+def transition_stencil(
+    aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0
+) -> Tuple[List[Tuple[int, int]], torch.Tensor, torch.Tensor]:
     """The column-normalised transition ``T`` as a stencil: ``(offsets, weights, self_weight)`` with
     ``weights[j, y, x] = T[(y, x) + offsets[j] → (y, x)]`` (0 where that pair does not exist) and
     ``self_weight = T[(y, x) → (y, x)]``; one walk step is ``x'[p] = self_weight[p]·x[p] +
@@ -516,8 +556,14 @@ def transition_stencil(aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0) -
     return offsets, torch.cat([fwd, bwd], 0) / colsum, 1.0 / colsum
 
 
-def random_walk_sparse(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0, logt: int = 8,
-                       dtype: Optional[torch.dtype] = torch.float64) -> torch.Tensor:
+def random_walk_sparse(
+    cam: torch.Tensor,
+    aff: torch.Tensor,
+    pairs: PairIndex,
+    beta: float = 8.0,
+    logt: int = 8,
+    dtype: Optional[torch.dtype] = torch.float64,
+) -> torch.Tensor:
     """The same walk without any ``N × N`` matrix: ``2^logt`` stencil steps ``x ← x·T``
     (:func:`transition_stencil`), i.e. ``cam · T^(2^logt)`` — the reference squares ``T`` ``logt``
     times, which is the same number of steps. Time ``O(2^logt · D · C · N)``, memory ``O(D · N)``.
@@ -541,8 +587,9 @@ def random_walk_sparse(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, b
     return x.to(out_dtype)
 
 
-def random_walk(cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0, logt: int = 8,
-                method: str = "sparse") -> torch.Tensor:
+def random_walk(
+    cam: torch.Tensor, aff: torch.Tensor, pairs: PairIndex, beta: float = 8.0, logt: int = 8, method: str = "sparse"
+) -> torch.Tensor:
     """Dispatch to :func:`random_walk_sparse` (default) or :func:`random_walk_dense`."""
     if method == "sparse":
         return random_walk_sparse(cam, aff, pairs, beta, logt)
@@ -599,9 +646,19 @@ def affinitynet_pseudo_label(
         canvas = np.empty((hp, wp, 3), np.uint8)
         canvas[:] = np.asarray(_PAD_COLOUR, np.uint8)
         canvas[:h, :w] = img
-        scores = np.asarray(crf_fn(canvas, np.ascontiguousarray(scores, dtype=np.float32), t=p.crf_t,
-                                   pos_w=pairwise["gauss_compat"], pos_xy_std=pairwise["gauss_sxy"], bi_w=pairwise["bi_compat"],
-                                   bi_xy_std=pairwise["bi_sxy"], bi_rgb_std=pairwise["bi_srgb"]), np.float32)
+        scores = np.asarray(
+            crf_fn(
+                canvas,
+                np.ascontiguousarray(scores, dtype=np.float32),
+                t=p.crf_t,
+                pos_w=pairwise["gauss_compat"],
+                pos_xy_std=pairwise["gauss_sxy"],
+                bi_w=pairwise["bi_compat"],
+                bi_xy_std=pairwise["bi_sxy"],
+                bi_rgb_std=pairwise["bi_srgb"],
+            ),
+            np.float32,
+        )
     scores = np.ascontiguousarray(scores[:, :h, :w], dtype=np.float32)
     lut = np.concatenate([[0], keys + 1]).astype(np.uint8)
     return lut[scores.argmax(0)], scores
@@ -618,10 +675,18 @@ def _build_method(arch: Mapping[str, Any], pretrained: Optional[str] = "none") -
     return AffinityNetMethod(pretrained=pretrained, taps=None if taps is None else tuple(taps), **a)
 
 
-def save_affinitynet(path: Union[str, os.PathLike], method: AffinityNetMethod, resolved_config: Mapping[str, Any]) -> Path:
+def save_affinitynet(
+    path: Union[str, os.PathLike], method: AffinityNetMethod, resolved_config: Mapping[str, Any]
+) -> Path:
     """Write the trained AffinityNet (state_dict, ``affinitynet_arch``, config) atomically."""
-    save_checkpoint(Path(path), model=method.state_dict(), method=method.name, affinitynet_arch=method.arch(),
-                    config=dict(resolved_config), config_hash=config_hash(resolved_config))
+    save_checkpoint(
+        Path(path),
+        model=method.state_dict(),
+        method=method.name,
+        affinitynet_arch=method.arch(),
+        config=dict(resolved_config),
+        config_hash=config_hash(resolved_config),
+    )
     return Path(path)
 
 
@@ -629,7 +694,9 @@ def load_affinitynet(path: Union[str, os.PathLike], device: Optional[torch.devic
     """Rebuild the AffinityNet of a model file written by :func:`train_affinitynet` (eval mode)."""
     state = load_model_state(Path(path))
     if state.get("method") != AffinityNetMethod.name or "affinitynet_arch" not in state:
-        raise ValueError(f"{path} is not an AffinityNet model file written by train_affinitynet (method {state.get('method')!r})")
+        raise ValueError(
+            f"{path} is not an AffinityNet model file written by train_affinitynet (method {state.get('method')!r})"
+        )
     method = _build_method(state["affinitynet_arch"])
     method.load_state_dict(state["model"])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -663,26 +730,70 @@ def train_affinitynet(
     ids = list(ids)
     missing = [i for i in ids if not all(q.exists() for q in label_pair_paths(label_dir, i))]
     if missing:
-        raise DataError(f"{len(missing)} AffinityNet label pair(s) missing in {label_dir}, e.g. {missing[:5]}; "
-                        "run make_affinity_labels first")
+        raise DataError(
+            f"{len(missing)} AffinityNet label pair(s) missing in {label_dir}, e.g. {missing[:5]}; "
+            "run make_affinity_labels first"
+        )
     if len(ids) < p.batch_size:
-        raise ValueError(f"{len(ids)} training images give no full batch of affinitynet.train.batch_size = {p.batch_size}")
-    resolved = dict(resolved_config) if resolved_config is not None else {"affinitynet": {"train": dataclasses.asdict(p)}}
+        raise ValueError(
+            f"{len(ids)} training images give no full batch of affinitynet.train.batch_size = {p.batch_size}"
+        )
+    resolved = (
+        dict(resolved_config) if resolved_config is not None else {"affinitynet": {"train": dataclasses.asdict(p)}}
+    )
     torch.manual_seed(p.seed)
-    method = AffinityNetMethod(p.backbone, p.pretrained, p.trainable_from, p.taps, radius=p.radius, head_lr_mult=p.head_lr_mult,
-                               bg_weight=p.bg_weight, fg_weight=p.fg_weight, neg_weight=p.neg_weight)
+    method = AffinityNetMethod(
+        p.backbone,
+        p.pretrained,
+        p.trainable_from,
+        p.taps,
+        radius=p.radius,
+        head_lr_mult=p.head_lr_mult,
+        bg_weight=p.bg_weight,
+        fg_weight=p.fg_weight,
+        neg_weight=p.neg_weight,
+    )
     if p.crop_size % method.pad_multiple:
-        raise ValueError(f"affinitynet.train.crop_size {p.crop_size} must be a multiple of {method.pad_multiple} for backbone {p.backbone!r}")
+        raise ValueError(
+            f"affinitynet.train.crop_size {p.crop_size} must be a multiple of {method.pad_multiple} for backbone {p.backbone!r}"
+        )
     label_dir = Path(label_dir)
-    train_set = AffinityTrainSet(ds, ids, functools.partial(read_label_pair, label_dir), p.crop_size, method.feature_stride,
-                                 p.hflip, p.color_jitter, p.seed)
-    cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                      momentum_mode=p.momentum_mode, momentum=p.momentum, poly_power=p.poly_power, amp=p.amp,
-                      seed=p.seed, drop_last=True)
+    train_set = AffinityTrainSet(
+        ds,
+        ids,
+        functools.partial(read_label_pair, label_dir),
+        p.crop_size,
+        method.feature_stride,
+        p.hflip,
+        p.color_jitter,
+        p.seed,
+    )
+    cfg = TrainConfig(
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        momentum_mode=p.momentum_mode,
+        momentum=p.momentum,
+        poly_power=p.poly_power,
+        amp=p.amp,
+        seed=p.seed,
+        drop_last=True,
+    )
     work_dir = Path(work_dir)
     trained = work_dir / "trained.pt"
-    out = train(method, train_set, cfg, trained, work_dir, resolved_config=resolved, device=device,
-                num_workers=num_workers, stop_after_epochs=stop_after_epochs, progress=progress)
+    out = train(
+        method,
+        train_set,
+        cfg,
+        trained,
+        work_dir,
+        resolved_config=resolved,
+        device=device,
+        num_workers=num_workers,
+        stop_after_epochs=stop_after_epochs,
+        progress=progress,
+    )
     if Path(out) != trained:
         return Path(out)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -729,7 +840,9 @@ def make_affinitynet_masks(
         rec = store.get(image_id, fields=("keys", "high_res"))
         img = ds.load_image(image_id)
         if tuple(img.shape[:2]) != tuple(rec.size):
-            raise DataError(f"image {image_id!r} has size {tuple(img.shape[:2])} but its CAM has size {tuple(rec.size)}")
+            raise DataError(
+                f"image {image_id!r} has size {tuple(img.shape[:2])} but its CAM has size {tuple(rec.size)}"
+            )
         labels, _ = affinitynet_pseudo_label(method, img, rec.high_res, rec.keys, p, device)
         write_label_png(out_dir / f"{image_id}.png", labels, _PALETTE)
 

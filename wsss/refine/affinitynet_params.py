@@ -23,7 +23,16 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
-__all__ = ["WALKS", "PSA_CRF_KEYS", "is_number", "PRESETS", "SCHEMA_DEFAULTS", "AffinityLabelParams", "AffinityTrainParams", "AffinityInferParams"]
+__all__ = [
+    "WALKS",
+    "PSA_CRF_KEYS",
+    "is_number",
+    "PRESETS",
+    "SCHEMA_DEFAULTS",
+    "AffinityLabelParams",
+    "AffinityTrainParams",
+    "AffinityInferParams",
+]
 
 WALKS = ("sparse", "dense")
 #: Keyword arguments of the PSA CRF (:func:`wsss.refine.crf.crf_with_alpha`).
@@ -69,7 +78,9 @@ class _Params:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(m) - set(names))
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in config section '{cls.SECTION}'; valid keys: {', '.join(names)}")
+            raise ValueError(
+                f"unknown key(s) {unknown} in config section '{cls.SECTION}'; valid keys: {', '.join(names)}"
+            )
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in m.items()})
 
     def _fail(self, key: str, msg: str) -> None:
@@ -112,7 +123,9 @@ class AffinityLabelParams(_Params):
             self._fail("crf", "must be a mapping of CRF keyword arguments")
         unknown = sorted(set(self.crf) - PSA_CRF_KEYS)
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in affinitynet.label.crf; valid keys: {', '.join(sorted(PSA_CRF_KEYS))}")
+            raise ValueError(
+                f"unknown key(s) {unknown} in affinitynet.label.crf; valid keys: {', '.join(sorted(PSA_CRF_KEYS))}"
+            )
 
 
 @dataclass(frozen=True)
@@ -150,20 +163,32 @@ class AffinityTrainParams(_Params):
             self._fail("pretrained", "must be 'none', 'imagenet', 'classifier' or a path")
         if self.trainable_from is not None and not isinstance(self.trainable_from, str):
             self._fail("trainable_from", "must be a stage name or null (the backbone's default)")
-        if self.taps is not None and not (isinstance(self.taps, tuple) and len(self.taps) >= 1
-                                          and all(isinstance(t, str) for t in self.taps)):
+        if self.taps is not None and not (
+            isinstance(self.taps, tuple) and len(self.taps) >= 1 and all(isinstance(t, str) for t in self.taps)
+        ):
             self._fail("taps", "must be a list of backbone tap names or null (automatic)")
         self._integer("radius", 2)
         self._integer("crop_size", 8)
         for k in ("batch_size", "epochs"):
             self._integer(k, 1)
         self._integer("seed", 0)
-        for k in ("lr", "head_lr_mult", "weight_decay", "momentum", "poly_power", "bg_weight", "fg_weight", "neg_weight"):
+        for k in (
+            "lr",
+            "head_lr_mult",
+            "weight_decay",
+            "momentum",
+            "poly_power",
+            "bg_weight",
+            "fg_weight",
+            "neg_weight",
+        ):
             self._number(k, 0.0)
         if self.momentum_mode not in ("reference", "standard"):
             self._fail("momentum_mode", "must be 'reference' or 'standard'")
         if self.color_jitter is not None and not (
-            isinstance(self.color_jitter, tuple) and len(self.color_jitter) == 4 and all(is_number(v) and v >= 0 for v in self.color_jitter)
+            isinstance(self.color_jitter, tuple)
+            and len(self.color_jitter) == 4
+            and all(is_number(v) and v >= 0 for v in self.color_jitter)
         ):
             self._fail("color_jitter", "must be [brightness, contrast, saturation, hue] (>= 0) or null")
         for k in ("hflip", "amp"):
@@ -198,13 +223,17 @@ class AffinityInferParams(_Params):
         valid = PSA_CRF_KEYS - {"t"}
         unknown = sorted(set(self.crf) - valid)
         if unknown:
-            raise ValueError(f"unknown key(s) {unknown} in affinitynet.infer.crf; valid keys: {', '.join(sorted(valid))}")
+            raise ValueError(
+                f"unknown key(s) {unknown} in affinitynet.infer.crf; valid keys: {', '.join(sorted(valid))}"
+            )
 
 
 for _sub, _cls in (("label", AffinityLabelParams), ("train", AffinityTrainParams), ("infer", AffinityInferParams)):
     if [f.name for f in dataclasses.fields(_cls)] != list(SCHEMA_DEFAULTS[_sub]):
-        raise ImportError(f"schema section affinitynet.{_sub} lists {list(SCHEMA_DEFAULTS[_sub])}, but {_cls.__name__} has "
-                          f"{[f.name for f in dataclasses.fields(_cls)]}: keep them the same keys in the same order")
+        raise ImportError(
+            f"schema section affinitynet.{_sub} lists {list(SCHEMA_DEFAULTS[_sub])}, but {_cls.__name__} has "
+            f"{[f.name for f in dataclasses.fields(_cls)]}: keep them the same keys in the same order"
+        )
 
 
 #: Per-paper settings (docs/affinitynet.md): the ``affinitynet`` config values each official code base

@@ -245,7 +245,9 @@ def crf_inference_label(
     if not 0 < gt_prob < 1:
         raise ValueError(f"{what}: gt_prob must lie in (0, 1), got {gt_prob!r}")
     if labels.size and (labels.min() < 0 or labels.max() >= n_labels):
-        raise ValueError(f"{what}: labels span [{labels.min()}, {labels.max()}], outside [0, {n_labels}) for n_labels={n_labels}")
+        raise ValueError(
+            f"{what}: labels span [{labels.min()}, {labels.max()}], outside [0, {n_labels}) for n_labels={n_labels}"
+        )
     if n_labels == 1:
         return np.zeros((h, w), np.uint8)
     from pydensecrf.utils import unary_from_labels
@@ -286,8 +288,18 @@ def crf_seed_threshold(
     scores[0] = bg_threshold
     scores[1:] = cams
     seed = scores.argmax(0)
-    out = crf_inference_label(img, seed, k + 1, t=t, gt_prob=gt_prob, gauss_sxy=gauss_sxy, gauss_compat=gauss_compat,
-                              bi_sxy=bi_sxy, bi_srgb=bi_srgb, bi_compat=bi_compat)
+    out = crf_inference_label(
+        img,
+        seed,
+        k + 1,
+        t=t,
+        gt_prob=gt_prob,
+        gauss_sxy=gauss_sxy,
+        gauss_compat=gauss_compat,
+        bi_sxy=bi_sxy,
+        bi_srgb=bi_srgb,
+        bi_compat=bi_compat,
+    )
     return lut[out]
 
 
@@ -353,8 +365,9 @@ def crf_mask(img: np.ndarray, high_res: np.ndarray, keys: np.ndarray, resolved: 
     pairwise = {k: resolved[k] for k in PSA_PAIRWISE}
     if resolved["mode"] == "alpha":
         return crf_with_alpha(img, high_res, keys, resolved["alpha"], t=resolved["iterations"], **pairwise)[1]
-    return crf_seed_threshold(img, high_res, keys, resolved["bg_threshold"], t=resolved["iterations"],
-                              gt_prob=resolved["gt_prob"], **pairwise)
+    return crf_seed_threshold(
+        img, high_res, keys, resolved["bg_threshold"], t=resolved["iterations"], gt_prob=resolved["gt_prob"], **pairwise
+    )
 
 
 def mask_path(out_dir: str | os.PathLike, image_id: str) -> Path:
@@ -414,9 +427,16 @@ def crf_masks_shard(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return map_images(
-        ids, lambda i: _process(ds, store, out_dir, resolved, i), exists=lambda i: mask_path(out_dir, i).exists(),
-        journal=journal, workers=workers, worker_fn=_process_in_worker, initializer=_init_worker,
-        initargs=(ds, store, str(out_dir), resolved), desc=f"CRF ({resolved['mode']})", progress=progress,
+        ids,
+        lambda i: _process(ds, store, out_dir, resolved, i),
+        exists=lambda i: mask_path(out_dir, i).exists(),
+        journal=journal,
+        workers=workers,
+        worker_fn=_process_in_worker,
+        initializer=_init_worker,
+        initargs=(ds, store, str(out_dir), resolved),
+        desc=f"CRF ({resolved['mode']})",
+        progress=progress,
     )
 
 
@@ -443,6 +463,8 @@ def evaluate_masks(
         pred = read_label_png(path)
         gt = ds.load_mask(image_id)
         if pred.shape != gt.shape:
-            raise DataError(f"mask {path} has size {pred.shape} but the ground truth of {image_id!r} has size {gt.shape}")
+            raise DataError(
+                f"mask {path} has size {pred.shape} but the ground truth of {image_id!r} has size {gt.shape}"
+            )
         cm.update(gt, pred)
     return cm

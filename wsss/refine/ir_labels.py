@@ -148,7 +148,14 @@ def make_ir_labels(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     return map_images(
-        ids, lambda i: _ir_label_one(ds, store, out_dir, p, crf_fn, i), exists=lambda i: ir_label_path(out_dir, i).exists(),
-        journal=journal, workers=workers, worker_fn=_ir_label_in_worker, initializer=_init_ir_worker,
-        initargs=(ds, store, out_dir, p, crf_fn), desc="IR labels", progress=progress,
+        ids,
+        lambda i: _ir_label_one(ds, store, out_dir, p, crf_fn, i),
+        exists=lambda i: ir_label_path(out_dir, i).exists(),
+        journal=journal,
+        workers=workers,
+        worker_fn=_ir_label_in_worker,
+        initializer=_init_ir_worker,
+        initargs=(ds, store, out_dir, p, crf_fn),
+        desc="IR labels",
+        progress=progress,
     )

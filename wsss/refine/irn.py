@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -51,7 +50,7 @@ from ..workflow.per_image import map_images, todo_ids
 from .ir_labels import IGNORE, cam_to_ir_label, ir_label_path, make_ir_labels
 from .irn_params import IRLabelParams, IRNInferParams, IRNTrainParams
 from .path_index import PathIndex
-from .random_walk import STRIDE, WALKS, confidence_mask, random_walk, sem_seg_from_walk
+from .random_walk import STRIDE, confidence_mask, random_walk, sem_seg_from_walk
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +160,9 @@ class IRNMethod(Method):
         else:
             self.backbone_name = getattr(backbone, "arch", type(backbone).__name__)
         if not isinstance(backbone, ResNet):
-            raise TypeError(f"IRN needs a ResNet backbone (wsss.models.backbones.ResNet), got {type(backbone).__name__}")
+            raise TypeError(
+                f"IRN needs a ResNet backbone (wsss.models.backbones.ResNet), got {type(backbone).__name__}"
+            )
         st = backbone.tap_strides
         if st["stage1"] != STRIDE or st["stage2"] != 2 * STRIDE:
             raise ValueError(f"IRN needs stage strides 4 and 8 for layer1/layer2, got {st}")
@@ -206,9 +207,16 @@ class IRNMethod(Method):
 
     def param_groups(self) -> List[Dict[str, Any]]:
         return [
-            {"name": "edge", "params": [p for m in self.edge_modules() for p in m.parameters()], "lr_mult": self.edge_lr_mult},
-            {"name": "displacement", "params": [p for m in self.displacement_modules() for p in m.parameters()],
-             "lr_mult": self.dp_lr_mult},
+            {
+                "name": "edge",
+                "params": [p for m in self.edge_modules() for p in m.parameters()],
+                "lr_mult": self.edge_lr_mult,
+            },
+            {
+                "name": "displacement",
+                "params": [p for m in self.displacement_modules() for p in m.parameters()],
+                "lr_mult": self.dp_lr_mult,
+            },
         ]
 
     def train(self, mode: bool = True) -> "IRNMethod":
@@ -218,9 +226,14 @@ class IRNMethod(Method):
 
     def arch(self) -> Dict[str, Any]:
         """What :func:`load_irn` needs to rebuild the network (stored in the model file)."""
-        return {"backbone": self.backbone_name, "radius": self.radius, "edge_lr_mult": self.edge_lr_mult,
-                "dp_lr_mult": self.dp_lr_mult, "affinity_weight": self.affinity_weight,
-                "displacement_weight": self.displacement_weight}
+        return {
+            "backbone": self.backbone_name,
+            "radius": self.radius,
+            "edge_lr_mult": self.edge_lr_mult,
+            "dp_lr_mult": self.dp_lr_mult,
+            "affinity_weight": self.affinity_weight,
+            "displacement_weight": self.displacement_weight,
+        }
 
     # -- forward ------------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> List[torch.Tensor]:
@@ -240,8 +253,10 @@ class IRNMethod(Method):
         x1, x2, x3, x4, x5 = self.features(x)
         e2 = self.edge2(x2)
         size = tuple(e2.shape[-2:])
-        edge = torch.cat([self.edge1(x1), e2, _crop(self.edge3(x3), size), _crop(self.edge4(x4), size),
-                          _crop(self.edge5(x5), size)], dim=1)
+        edge = torch.cat(
+            [self.edge1(x1), e2, _crop(self.edge3(x3), size), _crop(self.edge4(x4), size), _crop(self.edge5(x5), size)],
+            dim=1,
+        )
         edge = self.edge6(edge)
         d3 = self.dp3(x3)
         s8 = tuple(d3.shape[-2:])
@@ -280,7 +295,9 @@ class IRNMethod(Method):
 # ----------------------------------------------------------------------------------------------
 
 
-def affinity_labels(label: torch.Tensor, pi: PathIndex, ignore_index: int = IGNORE) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def affinity_labels(
+    label: torch.Tensor, pi: PathIndex, ignore_index: int = IGNORE
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(bg_pos, fg_pos, neg)``, float ``[B, n_dirs, M]`` (``[n_dirs, M]`` for a 2-D label), for
     every source / direction pair of ``pi`` (reference ``GetAffinityLabelFromIndices``): a pair is
     valid when neither end is ``ignore_index``; ``bg_pos`` = valid, equal labels, background;
@@ -312,7 +329,9 @@ def pair_displacement(disp: torch.Tensor, pi: PathIndex) -> torch.Tensor:
     return src - dst
 
 
-def irn_loss_terms(edge_logit: torch.Tensor, disp: torch.Tensor, label: torch.Tensor, pi: PathIndex) -> Dict[str, torch.Tensor]:
+def irn_loss_terms(
+    edge_logit: torch.Tensor, disp: torch.Tensor, label: torch.Tensor, pi: PathIndex
+) -> Dict[str, torch.Tensor]:
     """The unweighted IRN loss terms (reference ``AffinityDisplacementLoss`` + ``train_irn.run``).
 
     ``edge_logit`` ``B × 1 × h × w``, ``disp`` ``B × 2 × h × w``, ``label`` ``B × h × w`` (IR label
@@ -334,7 +353,14 @@ def irn_loss_terms(edge_logit: torch.Tensor, disp: torch.Tensor, label: torch.Te
     target = torch.as_tensor(pi.directions.T, dtype=delta.dtype, device=delta.device)[None, :, :, None]
     dp_fg = ((delta - target).abs() * fg_pos[:, None]).sum() / (2 * fg_pos.sum() + EPS)
     dp_bg = (delta.abs() * bg_pos[:, None]).sum() / (2 * bg_pos.sum() + EPS)
-    return {"pos_bg": pos_bg, "pos_fg": pos_fg, "pos": (pos_bg + pos_fg) / 2, "neg": neg_l, "dp_fg": dp_fg, "dp_bg": dp_bg}
+    return {
+        "pos_bg": pos_bg,
+        "pos_fg": pos_fg,
+        "pos": (pos_bg + pos_fg) / 2,
+        "neg": neg_l,
+        "dp_fg": dp_fg,
+        "dp_bg": dp_bg,
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -446,8 +472,13 @@ def compute_mean_shift(
         raise ValueError("compute_mean_shift needs at least one image id (the mean-shift inference list is empty)")
     device = device or next(method.parameters()).device
     method.to(device).eval()
-    loader = DataLoader(TopLeftCropSet(ds, ids, crop_size), batch_size=batch_size, shuffle=False,
-                        drop_last=False, num_workers=num_workers)
+    loader = DataLoader(
+        TopLeftCropSet(ds, ids, crop_size),
+        batch_size=batch_size,
+        shuffle=False,
+        drop_last=False,
+        num_workers=num_workers,
+    )
     total = torch.zeros(2, dtype=torch.float64, device=device)
     n = 0
     for batch in tqdm(loader, desc="IRN mean shift", disable=not progress, mininterval=2.0):
@@ -469,7 +500,9 @@ def _round_up(v: int, m: int) -> int:
 
 
 @torch.no_grad()
-def boundary_map(method: IRNMethod, img: np.ndarray, pad_to: int = 512, device: Optional[torch.device] = None) -> torch.Tensor:
+def boundary_map(
+    method: IRNMethod, img: np.ndarray, pad_to: int = 512, device: Optional[torch.device] = None
+) -> torch.Tensor:
     """Class-boundary probability ``ceil(H/4) × ceil(W/4)`` of one uint8 image (reference
     ``EdgeDisplacement``): the image and its horizontal flip are zero-padded on the right/bottom,
     run as one batch, the logits cropped and averaged over the flip, then ``sigmoid``.
@@ -511,7 +544,9 @@ def irn_pseudo_label(
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
     strided = (math.ceil(h / STRIDE), math.ceil(w / STRIDE))
     if cam.ndim != 3 or cam.shape[0] != len(keys) or cam.shape[1:] != strided:
-        raise ValueError(f"cam must have shape (K={len(keys)}, {strided[0]}, {strided[1]}) for a {h}x{w} image, got {cam.shape}")
+        raise ValueError(
+            f"cam must have shape (K={len(keys)}, {strided[0]}, {strided[1]}) for a {h}x{w} image, got {cam.shape}"
+        )
     if len(keys) == 0:
         return np.zeros((h, w), np.uint8), np.full((1, h, w), p.bg_thresh, np.float32)
     edge = boundary_map(method, img, p.pad_to, device)
@@ -524,10 +559,19 @@ def irn_pseudo_label(
 # ----------------------------------------------------------------------------------------------
 
 
-def save_irn(path: Union[str, os.PathLike], method: IRNMethod, resolved_config: Mapping[str, Any], **extra: Any) -> Path:
+def save_irn(
+    path: Union[str, os.PathLike], method: IRNMethod, resolved_config: Mapping[str, Any], **extra: Any
+) -> Path:
     """Write the trained IRN (state_dict incl. the mean shift, ``irn_arch``, config) atomically."""
-    save_checkpoint(Path(path), model=method.state_dict(), method=method.name, irn_arch=method.arch(),
-                    config=dict(resolved_config), config_hash=config_hash(resolved_config), **extra)
+    save_checkpoint(
+        Path(path),
+        model=method.state_dict(),
+        method=method.name,
+        irn_arch=method.arch(),
+        config=dict(resolved_config),
+        config_hash=config_hash(resolved_config),
+        **extra,
+    )
     return Path(path)
 
 
@@ -545,6 +589,7 @@ def load_irn(path: Union[str, os.PathLike], device: Optional[torch.device] = Non
 # ----------------------------------------------------------------------------------------------
 # stage functions
 # ----------------------------------------------------------------------------------------------
+
 
 def train_irn(
     ds: Any,
@@ -574,33 +619,66 @@ def train_irn(
     """
     p = IRNTrainParams.from_mapping(params)
     if p.pretrained == "classifier":
-        raise ValueError("irn.train.pretrained 'classifier' names the workflow's classifier model file, which the caller "
-                         "resolves (wsss.pipeline.irn_backbone_source); pass 'none', 'imagenet' or a state_dict path")
+        raise ValueError(
+            "irn.train.pretrained 'classifier' names the workflow's classifier model file, which the caller "
+            "resolves (wsss.pipeline.irn_backbone_source); pass 'none', 'imagenet' or a state_dict path"
+        )
     ids = list(ids)
     missing = [i for i in ids if not ir_label_path(label_dir, i).exists()]
     if missing:
-        raise DataError(f"{len(missing)} IR label(s) missing in {label_dir}, e.g. {missing[:5]}; run make_ir_labels first")
+        raise DataError(
+            f"{len(missing)} IR label(s) missing in {label_dir}, e.g. {missing[:5]}; run make_ir_labels first"
+        )
     if len(ids) < p.batch_size:
         raise ValueError(f"{len(ids)} training images give no full batch of irn.train.batch_size = {p.batch_size}")
     resolved = dict(resolved_config) if resolved_config is not None else {"irn": {"train": dataclasses.asdict(p)}}
     train_set = IRNTrainSet(ds, ids, label_dir, p.crop_size, p.rescale, p.hflip, p.seed)
     torch.manual_seed(p.seed)
-    method = IRNMethod(p.backbone, p.pretrained, p.radius, p.edge_lr_mult, p.dp_lr_mult, p.affinity_weight, p.displacement_weight)
-    cfg = TrainConfig(epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, weight_decay=p.weight_decay,
-                      momentum_mode=p.momentum_mode, momentum=p.momentum, poly_power=p.poly_power, amp=p.amp,
-                      seed=p.seed, drop_last=True)
+    method = IRNMethod(
+        p.backbone, p.pretrained, p.radius, p.edge_lr_mult, p.dp_lr_mult, p.affinity_weight, p.displacement_weight
+    )
+    cfg = TrainConfig(
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        weight_decay=p.weight_decay,
+        momentum_mode=p.momentum_mode,
+        momentum=p.momentum,
+        poly_power=p.poly_power,
+        amp=p.amp,
+        seed=p.seed,
+        drop_last=True,
+    )
     work_dir = Path(work_dir)
     trained = work_dir / "trained.pt"
-    out = train(method, train_set, cfg, trained, work_dir, resolved_config=resolved, device=device,
-                num_workers=num_workers, stop_after_epochs=stop_after_epochs, progress=progress)
+    out = train(
+        method,
+        train_set,
+        cfg,
+        trained,
+        work_dir,
+        resolved_config=resolved,
+        device=device,
+        num_workers=num_workers,
+        stop_after_epochs=stop_after_epochs,
+        progress=progress,
+    )
     if Path(out) != trained:
         return Path(out)
     infer_ids = ids if infer_ids is None else list(infer_ids)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank = torch.distributed.get_rank() if dist else 0
     if rank == 0:  # under DDP every process holds the same weights; one computes and writes
-        mean = compute_mean_shift(method, ds, infer_ids, p.mean_shift_crop_size, p.mean_shift_batch_size,
-                                  next(method.parameters()).device, num_workers, progress)
+        mean = compute_mean_shift(
+            method,
+            ds,
+            infer_ids,
+            p.mean_shift_crop_size,
+            p.mean_shift_batch_size,
+            next(method.parameters()).device,
+            num_workers,
+            progress,
+        )
         log.info("IRN mean shift over %d images: %s", len(infer_ids), mean.tolist())
         save_irn(model_out, method, resolved, mean_shift_images=len(infer_ids))
     if dist:
@@ -652,7 +730,9 @@ def make_irn_masks(
         rec = store.get(image_id, fields=("keys", "cam"))
         img = ds.load_image(image_id)
         if tuple(img.shape[:2]) != tuple(rec.size):
-            raise DataError(f"image {image_id!r} has size {tuple(img.shape[:2])} but its CAM has size {tuple(rec.size)}")
+            raise DataError(
+                f"image {image_id!r} has size {tuple(img.shape[:2])} but its CAM has size {tuple(rec.size)}"
+            )
         labels, scores = irn_pseudo_label(method, img, rec.cam, rec.keys, p, device)
         if conf_dir is not None:
             conf = confidence_mask(scores, p.confidence_ratio)

@@ -63,7 +63,10 @@ __all__ = [
     "confidence_mask",
 ]
 
-def _check_inputs(cam: torch.Tensor, edge: torch.Tensor, radius: int, beta: float, exp_times: int) -> Tuple[torch.Tensor, torch.Tensor]:
+
+def _check_inputs(
+    cam: torch.Tensor, edge: torch.Tensor, radius: int, beta: float, exp_times: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     cam = torch.as_tensor(cam)
     edge = torch.as_tensor(edge)
     if cam.dim() != 3:
@@ -96,7 +99,9 @@ def walk_affinities(edge: torch.Tensor, radius: int) -> Tuple[PathIndex, torch.T
     return pi, pi.edge_to_affinity(padded)
 
 
-def random_walk_dense(cam: torch.Tensor, edge: torch.Tensor, radius: int = 5, beta: float = 10.0, exp_times: int = 8) -> torch.Tensor:
+def random_walk_dense(
+    cam: torch.Tensor, edge: torch.Tensor, radius: int = 5, beta: float = 10.0, exp_times: int = 8
+) -> torch.Tensor:
     """The reference random walk with a dense ``N × N`` transition matrix (``K × h × w`` out).
 
     Memory ``O(N²)``, time ``O(exp_times · N³)``: for tests and the benchmark only.
@@ -126,7 +131,9 @@ def random_walk_dense(cam: torch.Tensor, edge: torch.Tensor, radius: int = 5, be
     return (x @ trans).view(k, h, w)
 
 
-def transition_stencil(edge: torch.Tensor, radius: int = 5, beta: float = 10.0) -> Tuple[List[Tuple[int, int]], torch.Tensor, torch.Tensor]:
+def transition_stencil(
+    edge: torch.Tensor, radius: int = 5, beta: float = 10.0
+) -> Tuple[List[Tuple[int, int]], torch.Tensor, torch.Tensor]:
     """The column-normalised transition ``T`` as a stencil.
 
     Returns ``(offsets, weights, self_weight)``: for neighbour ``j`` at offset ``(oy, ox)``,
@@ -215,7 +222,9 @@ def random_walk_sparse(
     return x.to(out_dtype)
 
 
-def random_walk(cam, edge, radius: int = 5, beta: float = 10.0, exp_times: int = 8, method: str = "sparse", **kw) -> torch.Tensor:
+def random_walk(
+    cam, edge, radius: int = 5, beta: float = 10.0, exp_times: int = 8, method: str = "sparse", **kw
+) -> torch.Tensor:
     """Dispatch to :func:`random_walk_sparse` (default) or :func:`random_walk_dense`."""
     if method == "sparse":
         return random_walk_sparse(cam, edge, radius, beta, exp_times, **kw)
@@ -224,7 +233,9 @@ def random_walk(cam, edge, radius: int = 5, beta: float = 10.0, exp_times: int =
     raise ValueError(f"unknown random-walk method {method!r}; valid: {', '.join(WALKS)}")
 
 
-def sem_seg_from_walk(rw: torch.Tensor, keys: Sequence[int], size: Tuple[int, int], bg_thresh: float = 0.25) -> Tuple[np.ndarray, np.ndarray]:
+def sem_seg_from_walk(
+    rw: torch.Tensor, keys: Sequence[int], size: Tuple[int, int], bg_thresh: float = 0.25
+) -> Tuple[np.ndarray, np.ndarray]:
     """Label map and scores from the walk output (reference ``make_sem_seg_labels`` post-processing).
 
     ``rw``: ``K × h × w`` at stride 4; ``keys``: the K foreground class indices (0-based);

@@ -78,7 +78,12 @@ def apply_confidence(label: np.ndarray, confident: np.ndarray) -> np.ndarray:
 
 
 def resized_crop_box(
-    h: int, w: int, area_range: Tuple[float, float], ratio_range: Tuple[float, float], rng: np.random.Generator, attempts: int = 10
+    h: int,
+    w: int,
+    area_range: Tuple[float, float],
+    ratio_range: Tuple[float, float],
+    rng: np.random.Generator,
+    attempts: int = 10,
 ) -> Tuple[int, int, int, int]:
     """``(top, left, height, width)`` of a RandomResizedCrop window (torchvision's sampling rule)."""
     area = h * w
@@ -122,7 +127,9 @@ class SegTrainTransform:
         if not 0 < lo <= hi:
             raise ValueError(f"scale_range must satisfy 0 < min <= max, got {self.scale_range!r}")
         if self.augment == "resized_crop" and hi > 1:
-            raise ValueError(f"scale_range is an area fraction for augment='resized_crop' and must be <= 1, got {self.scale_range!r}")
+            raise ValueError(
+                f"scale_range is an area fraction for augment='resized_crop' and must be <= 1, got {self.scale_range!r}"
+            )
         if not 0 < self.ratio_range[0] <= self.ratio_range[1]:
             raise ValueError(f"ratio_range must satisfy 0 < min <= max, got {self.ratio_range!r}")
         if self.crop_size < 1:
@@ -132,7 +139,9 @@ class SegTrainTransform:
         """Returns the normalised image ``3 x S x S`` float32 and the label ``S x S`` uint8."""
         s = self.crop_size
         if self.augment == "resized_crop":
-            top, left, ch, cw = resized_crop_box(img.shape[0], img.shape[1], self.scale_range, self.ratio_range, rng, self.attempts)
+            top, left, ch, cw = resized_crop_box(
+                img.shape[0], img.shape[1], self.scale_range, self.ratio_range, rng, self.attempts
+            )
             img = resize(np.ascontiguousarray(img[top : top + ch, left : left + cw]), (s, s), Image.BILINEAR)
             label = resize(np.ascontiguousarray(label[top : top + ch, left : left + cw]), (s, s), Image.NEAREST)
             flip = self.hflip and rng.random() < 0.5
@@ -213,14 +222,20 @@ class SegTrainSet(Dataset):
             label = read_label_png(path)
             bad = (label >= self.ds.num_classes) & (label != IGNORE)
             if bad.any():
-                raise DataError(f"pseudo-mask {path} has class index {int(label[bad].max())} >= {self.ds.num_classes} classes")
+                raise DataError(
+                    f"pseudo-mask {path} has class index {int(label[bad].max())} >= {self.ds.num_classes} classes"
+                )
         if label.shape != tuple(image_shape):
-            raise DataError(f"mask {self.mask_path(image_id)} is {label.shape[1]}x{label.shape[0]} but its image is {image_shape[1]}x{image_shape[0]}")
+            raise DataError(
+                f"mask {self.mask_path(image_id)} is {label.shape[1]}x{label.shape[0]} but its image is {image_shape[1]}x{image_shape[0]}"
+            )
         if self.conf_dir is not None:
             cpath = self.conf_dir / f"{image_id}.png"
             conf = read_confidence_png(cpath)
             if conf.shape != label.shape:
-                raise DataError(f"confidence mask {cpath} is {conf.shape[1]}x{conf.shape[0]} but its image is {label.shape[1]}x{label.shape[0]}")
+                raise DataError(
+                    f"confidence mask {cpath} is {conf.shape[1]}x{conf.shape[0]} but its image is {label.shape[1]}x{label.shape[0]}"
+                )
             label = apply_confidence(label, conf)
         return label
 
@@ -229,4 +244,9 @@ class SegTrainSet(Dataset):
         img = self.ds.load_image(image_id)
         label = self.load_target(image_id, img.shape[:2])
         x, y = self.transform(img, label, sample_rng(self.seed, self.epoch, index))
-        return {"image": torch.from_numpy(x), "mask": torch.from_numpy(y.astype(np.int64)), "index": index, "id": image_id}
+        return {
+            "image": torch.from_numpy(x),
+            "mask": torch.from_numpy(y.astype(np.int64)),
+            "index": index,
+            "id": image_id,
+        }

@@ -85,9 +85,13 @@ class InferenceSettings:
         """From a ``deeplab`` section with every key (:func:`wsss.config.validate_section` fills one)."""
         ts = params["test_size"]
         return cls(
-            scales=tuple(float(s) for s in params["test_scales"]), flip=bool(params["flip"]), fusion=params["fusion"],
-            test_size=None if ts is None else (int(ts[0]), int(ts[1])), crf=bool(params["crf"]),
-            crf_params=dict(params["crf_params"]), crf_image=params["crf_image"],
+            scales=tuple(float(s) for s in params["test_scales"]),
+            flip=bool(params["flip"]),
+            fusion=params["fusion"],
+            test_size=None if ts is None else (int(ts[0]), int(ts[1])),
+            crf=bool(params["crf"]),
+            crf_params=dict(params["crf_params"]),
+            crf_image=params["crf_image"],
         )
 
 
@@ -97,7 +101,9 @@ def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict_probs(model: torch.nn.Module, img: np.ndarray, settings: InferenceSettings, device: Optional[torch.device] = None) -> np.ndarray:
+def predict_probs(
+    model: torch.nn.Module, img: np.ndarray, settings: InferenceSettings, device: Optional[torch.device] = None
+) -> np.ndarray:
     """Fused class probabilities ``C x H x W`` (float32) of one uint8 RGB image (model in eval mode)."""
     if device is None:
         first = next(iter(model.parameters()), None)
@@ -108,7 +114,9 @@ def predict_probs(model: torch.nn.Module, img: np.ndarray, settings: InferenceSe
     n_views = 0
     for s in settings.scales:
         view = base if s == 1.0 else rescale(base, s, Image.BILINEAR)
-        x = torch.from_numpy(np.ascontiguousarray(normalize(view, settings.mean, settings.std).transpose(2, 0, 1)))[None]
+        x = torch.from_numpy(np.ascontiguousarray(normalize(view, settings.mean, settings.std).transpose(2, 0, 1)))[
+            None
+        ]
         if settings.flip:
             x = torch.cat([x, x.flip(-1)])
         logits = _logits(model, x.to(device)).float()
@@ -132,7 +140,9 @@ def beco_crf_image(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((np.trunc(x).astype(np.int64) % 256).astype(np.uint8))
 
 
-def predict_label(model: torch.nn.Module, img: np.ndarray, settings: InferenceSettings, device: Optional[torch.device] = None) -> np.ndarray:
+def predict_label(
+    model: torch.nn.Module, img: np.ndarray, settings: InferenceSettings, device: Optional[torch.device] = None
+) -> np.ndarray:
     """uint8 ``H x W`` label map of one image (argmax of the fused, optionally CRF-refined probabilities)."""
     probs = predict_probs(model, img, settings, device)
     if settings.crf:
@@ -186,7 +196,13 @@ def predict_to_dir(
     journal = journal if journal is not None else NoJournal()
     todo, skipped = todo_ids(ids, journal, lambda i: prediction_path(out_dir, i).exists())
     if skipped:
-        log.info("%d of %d predictions already written by this job in %s; computing %d", skipped, len(ids), out_dir, len(todo))
+        log.info(
+            "%d of %d predictions already written by this job in %s; computing %d",
+            skipped,
+            len(ids),
+            out_dir,
+            len(todo),
+        )
     if not todo:
         return {"written": 0, "skipped": skipped}
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")

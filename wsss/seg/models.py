@@ -90,7 +90,9 @@ class SegModel(nn.Module):
 class ASPPv2(nn.Module):
     """DeepLab-v2 ASPP: parallel dilated 3x3 convs straight to the classes, outputs summed."""
 
-    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = DEEPLABV2_RATES, init_std: float = 0.01):
+    def __init__(
+        self, in_channels: int, num_classes: int, rates: Sequence[int] = DEEPLABV2_RATES, init_std: float = 0.01
+    ):
         super().__init__()
         if not rates:
             raise ValueError("ASPP needs at least one rate")
@@ -112,7 +114,9 @@ class ASPPv2(nn.Module):
 class DeepLabV2(SegModel):
     name = "deeplabv2"
 
-    def __init__(self, backbone: Backbone, num_classes: int, rates: Sequence[int] = DEEPLABV2_RATES, init_std: float = 0.01):
+    def __init__(
+        self, backbone: Backbone, num_classes: int, rates: Sequence[int] = DEEPLABV2_RATES, init_std: float = 0.01
+    ):
         super().__init__(backbone, num_classes)
         self.head = ASPPv2(backbone.out_channels, num_classes, rates, init_std)
 
@@ -267,8 +271,14 @@ def deeplabv3plus(
     """DeepLab-v3+ on our backbones' taps (stride-4 tap + final map)."""
     bb = _backbone(backbone, pretrained, freeze_bn)
     return DeepLabV3Plus(
-        bb, num_classes, rates=rates, aspp_channels=aspp_channels, low_level_tap=low_level_tap,
-        low_level_channels=low_level_channels, decoder_channels=decoder_channels, dropout=dropout,
+        bb,
+        num_classes,
+        rates=rates,
+        aspp_channels=aspp_channels,
+        low_level_tap=low_level_tap,
+        low_level_channels=low_level_channels,
+        decoder_channels=decoder_channels,
+        dropout=dropout,
     )
 
 
@@ -288,7 +298,9 @@ def build_seg_model(
     """
     fn = SEG_MODELS.get(name)
     try:
-        return SEG_MODELS.build(name, num_classes=num_classes, backbone=backbone, pretrained=pretrained, freeze_bn=freeze_bn, **options)
+        return SEG_MODELS.build(
+            name, num_classes=num_classes, backbone=backbone, pretrained=pretrained, freeze_bn=freeze_bn, **options
+        )
     except TypeError as e:
         raise TypeError(f"segmentation model {name!r} ({fn.__doc__ or ''}): {e}") from e
 

@@ -15,4 +15,3 @@ CE_NORMALISATIONS = ("valid", "all")
 FUSIONS = ("mean", "max")
 CRF_IMAGES = ("raw", "parity")
 AUGMENTS = ("resized_crop", "scale_crop")
-

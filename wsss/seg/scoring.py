@@ -39,7 +39,9 @@ def read_prediction(pred_dir: str | Path, image_id: str, shape: Tuple[int, int])
         raise DataError(f"prediction not found: {path} (did every predict shard finish?)")
     pred = read_label_png(path)
     if pred.shape != tuple(shape):
-        raise DataError(f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but the ground truth is {shape[1]}x{shape[0]}")
+        raise DataError(
+            f"prediction {path} is {pred.shape[1]}x{pred.shape[0]} but the ground truth is {shape[1]}x{shape[0]}"
+        )
     return pred
 
 

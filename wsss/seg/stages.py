@@ -22,9 +22,9 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 import torch
 
 from .. import __version__
+from ..config import validate_section
 from ..data.base import SegDataset
 from ..engine import load_model_state, train
-from ..config import validate_section
 from ..io import write_json_atomic
 from ..workflow.jobs import device_and_workers, set_aside_stale_checkpoint
 from ..workflow.journal import NoJournal
@@ -68,7 +68,9 @@ def train_segmentation(
     p = validate_section("deeplab", params)
     gt = p["pseudo_masks"] == "gt"
     if gt and mask_dir is not None:
-        raise ValueError(f"deeplab.pseudo_masks is 'gt' (train on the ground truth) but a pseudo-mask folder was given: {mask_dir}")
+        raise ValueError(
+            f"deeplab.pseudo_masks is 'gt' (train on the ground truth) but a pseudo-mask folder was given: {mask_dir}"
+        )
     if not gt and mask_dir is None:
         raise ValueError(f"deeplab.pseudo_masks is {p['pseudo_masks']!r} but no pseudo-mask folder was given")
     if p["use_confidence"] and conf_dir is None:
@@ -83,8 +85,13 @@ def train_segmentation(
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     train_set = SegTrainSet(
-        ds, train_ids, transform_from_params(p), mask_dir=None if gt else Path(mask_dir),
-        conf_dir=Path(conf_dir) if (p["use_confidence"] and conf_dir is not None) else None, gt=gt, seed=p["seed"],
+        ds,
+        train_ids,
+        transform_from_params(p),
+        mask_dir=None if gt else Path(mask_dir),
+        conf_dir=Path(conf_dir) if (p["use_confidence"] and conf_dir is not None) else None,
+        gt=gt,
+        seed=p["seed"],
     )
     if rank == 0:
         set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
@@ -92,17 +99,33 @@ def train_segmentation(
     method = build_seg_method(p, ds.num_classes)
     log.info(
         "training %s (%s, %s) on %d images (%s), device %s, %d workers, world size %d",
-        p["model"], p["backbone"], p["pretrained"], len(train_set), "ground truth" if gt else f"pseudo-masks {mask_dir}",
-        device, workers, world,
+        p["model"],
+        p["backbone"],
+        p["pretrained"],
+        len(train_set),
+        "ground truth" if gt else f"pseudo-masks {mask_dir}",
+        device,
+        workers,
+        world,
     )
     return train(
-        method, train_set, seg_train_config(p), Path(out_path), Path(work_dir), resolved_config=resolved,
-        device=device, num_workers=workers, progress=progress and rank == 0,
+        method,
+        train_set,
+        seg_train_config(p),
+        Path(out_path),
+        Path(work_dir),
+        resolved_config=resolved,
+        device=device,
+        num_workers=workers,
+        progress=progress and rank == 0,
     )
 
 
 def load_seg_method(
-    model_path: str | os.PathLike, params: Mapping[str, Any], num_classes: int, state: Optional[Mapping[str, Any]] = None
+    model_path: str | os.PathLike,
+    params: Mapping[str, Any],
+    num_classes: int,
+    state: Optional[Mapping[str, Any]] = None,
 ) -> SegmentationMethod:
     """A trained network from a model file written by :func:`train_segmentation` (``state``: the
     file's already loaded contents)."""
@@ -111,7 +134,9 @@ def load_seg_method(
     try:
         method.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise RuntimeError(f"model file {model_path} does not fit the configured network (deeplab.model/backbone): {e}") from e
+        raise RuntimeError(
+            f"model file {model_path} does not fit the configured network (deeplab.model/backbone): {e}"
+        ) from e
     return method
 
 
@@ -149,12 +174,25 @@ def predict_shard(
         model_hash = state.get("config_hash")
         method = load_seg_method(model_path, p, ds.num_classes, state=state)
         counts = predict_to_dir(
-            method, ds, mine, out_dir, InferenceSettings.from_params(p), device=device, num_workers=workers,
-            progress=progress, desc=f"predict shard {shard_index + 1}/{num_shards}", journal=journal,
+            method,
+            ds,
+            mine,
+            out_dir,
+            InferenceSettings.from_params(p),
+            device=device,
+            num_workers=workers,
+            progress=progress,
+            desc=f"predict shard {shard_index + 1}/{num_shards}",
+            journal=journal,
         )
     record = {
-        "shard_index": shard_index, "num_shards": num_shards, "images": len(mine), **counts,
-        "model": str(model_path), "model_config_hash": model_hash, "package_version": __version__,
+        "shard_index": shard_index,
+        "num_shards": num_shards,
+        "images": len(mine),
+        **counts,
+        "model": str(model_path),
+        "model_config_hash": model_hash,
+        "package_version": __version__,
     }
     if marker_path is not None:
         write_json_atomic(marker_path, record)

@@ -32,7 +32,9 @@ from .params import CE_NORMALISATIONS
 IGNORE_INDEX = 255
 
 
-def segmentation_ce(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX, normalisation: str = "valid") -> torch.Tensor:
+def segmentation_ce(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int = IGNORE_INDEX, normalisation: str = "valid"
+) -> torch.Tensor:
     """Cross-entropy of ``B x C x H x W`` logits against ``B x H x W`` targets (see module docstring)."""
     if normalisation not in CE_NORMALISATIONS:
         raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {normalisation!r}")
@@ -50,7 +52,13 @@ class SegmentationMethod(Method):
 
     name = "deeplab"
 
-    def __init__(self, model: SegModel, head_lr_mult: float = 1.0, ce_normalisation: str = "all", ignore_index: int = IGNORE_INDEX):
+    def __init__(
+        self,
+        model: SegModel,
+        head_lr_mult: float = 1.0,
+        ce_normalisation: str = "all",
+        ignore_index: int = IGNORE_INDEX,
+    ):
         super().__init__()
         if ce_normalisation not in CE_NORMALISATIONS:
             raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {ce_normalisation!r}")
@@ -88,8 +96,12 @@ def build_seg_method(params: Mapping[str, Any], num_classes: int, pretrained: st
     """The configured network wrapped as a method (``pretrained`` overrides ``params``, e.g. 'none'
     when weights are loaded from a trained model file)."""
     model = build_seg_model(
-        params["model"], num_classes, backbone=params["backbone"],
-        pretrained=pretrained or params["pretrained"], freeze_bn=bool(params["freeze_bn"]), **dict(params["model_options"]),
+        params["model"],
+        num_classes,
+        backbone=params["backbone"],
+        pretrained=pretrained or params["pretrained"],
+        freeze_bn=bool(params["freeze_bn"]),
+        **dict(params["model_options"]),
     )
     return SegmentationMethod(model, head_lr_mult=params["head_lr_mult"], ce_normalisation=params["ce_normalisation"])
 
@@ -97,7 +109,14 @@ def build_seg_method(params: Mapping[str, Any], num_classes: int, pretrained: st
 def seg_train_config(params: Mapping[str, Any]) -> TrainConfig:
     """Engine settings of the stage: SGD with real momentum (``"standard"``), poly schedule."""
     return TrainConfig(
-        epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
-        weight_decay=float(params["weight_decay"]), momentum_mode="standard", momentum=float(params["momentum"]),
-        poly_power=float(params["poly_power"]), amp=bool(params["amp"]), seed=int(params["seed"]), drop_last=True,
+        epochs=int(params["epochs"]),
+        batch_size=int(params["batch_size"]),
+        lr=float(params["lr"]),
+        weight_decay=float(params["weight_decay"]),
+        momentum_mode="standard",
+        momentum=float(params["momentum"]),
+        poly_power=float(params["poly_power"]),
+        amp=bool(params["amp"]),
+        seed=int(params["seed"]),
+        drop_last=True,
     )

@@ -67,11 +67,16 @@ def torch_facts(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     from ..config import run_config, run_names, validate_config
 
     full = validate_config(cfg)
-    return {"classifier_inputs": {run: [str(p) for p in pipeline.classifier_inputs(run_config(full, run))]
-                                  for run in run_names(full)}}
+    return {
+        "classifier_inputs": {
+            run: [str(p) for p in pipeline.classifier_inputs(run_config(full, run))] for run in run_names(full)
+        }
+    }
 
 
-def checked_config(cfg: Mapping[str, Any], cache_dir: str | os.PathLike, python: str = sys.executable) -> Dict[str, Any]:
+def checked_config(
+    cfg: Mapping[str, Any], cache_dir: str | os.PathLike, python: str = sys.executable
+) -> Dict[str, Any]:
     """:func:`torch_facts` of ``cfg`` (a config validated with ``extra_checks=False``), from the
     cache or from a child process running ``python``; raises :class:`~wsss.config.ConfigError`."""
     from ..config import ConfigError
@@ -83,15 +88,18 @@ def checked_config(cfg: Mapping[str, Any], cache_dir: str | os.PathLike, python:
         pass
     package_parent = str(Path(__file__).resolve().parents[2])  # this checkout's wsss in the child too
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p))
-    proc = subprocess.run([python, "-m", __name__], input=pickle.dumps(dict(cfg), protocol=4), capture_output=True,
-                          env=env, check=False)
+    proc = subprocess.run(
+        [python, "-m", __name__], input=pickle.dumps(dict(cfg), protocol=4), capture_output=True, env=env, check=False
+    )
     try:
         answer = json.loads(proc.stdout.decode(errors="replace").strip().splitlines()[-1])
     except (IndexError, ValueError):
         answer = None
     if proc.returncode != 0 or not isinstance(answer, dict):
-        raise RuntimeError(f"the config checks ({python} -m {__name__}) failed with exit status {proc.returncode}:\n"
-                           + proc.stderr.decode(errors="replace")[-4000:])
+        raise RuntimeError(
+            f"the config checks ({python} -m {__name__}) failed with exit status {proc.returncode}:\n"
+            + proc.stderr.decode(errors="replace")[-4000:]
+        )
     if "error" in answer:
         raise ConfigError(answer["error"])
     path.parent.mkdir(parents=True, exist_ok=True)

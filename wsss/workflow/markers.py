@@ -26,14 +26,30 @@ def masks_dir(base: str | Path, resolved: Mapping[str, Any]) -> Path:
     return Path(base) / f"masks-{config_hash(resolved)}"
 
 
-def write_shard_marker(path: str | Path, *, kind: str, ids: Sequence[str], mask_dir: Path, resolved: Mapping[str, Any],
-                       skipped: Sequence[str] = ()) -> None:
+def write_shard_marker(
+    path: str | Path,
+    *,
+    kind: str,
+    ids: Sequence[str],
+    mask_dir: Path,
+    resolved: Mapping[str, Any],
+    skipped: Sequence[str] = (),
+) -> None:
     """The tracked output of a mask-producing shard: its folder, the ids it wrote and the ids it
     left out on purpose (``skipped``: unlabelled images the CAM stage skipped)."""
-    write_json_atomic(path, {
-        "kind": kind, "mask_dir": str(mask_dir), "ids": list(ids), "num_images": len(ids), "skipped": sorted(skipped),
-        "config_hash": config_hash(resolved), "package_version": __version__, "config": dict(resolved),
-    })
+    write_json_atomic(
+        path,
+        {
+            "kind": kind,
+            "mask_dir": str(mask_dir),
+            "ids": list(ids),
+            "num_images": len(ids),
+            "skipped": sorted(skipped),
+            "config_hash": config_hash(resolved),
+            "package_version": __version__,
+            "config": dict(resolved),
+        },
+    )
 
 
 def shard_journal(marker: str | Path, resolved: Mapping[str, Any], inputs: Sequence[str | Path]):
@@ -58,7 +74,9 @@ def read_shard_markers_full(paths: Sequence[str | Path]) -> tuple[Path, list, se
             dirs.add(m["mask_dir"])
             ids += m["ids"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"shard marker {p} is unreadable or incomplete ({type(e).__name__}: {e}); rerun its job") from e
+            raise DataError(
+                f"shard marker {p} is unreadable or incomplete ({type(e).__name__}: {e}); rerun its job"
+            ) from e
         skipped.update(m.get("skipped", []))
     if len(dirs) != 1:
         raise ValueError(f"shard markers {list(map(str, paths))} point at different mask folders: {sorted(dirs)}")

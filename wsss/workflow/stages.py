@@ -85,6 +85,8 @@ def stage_params(cfg: Mapping[str, Any], stage: str) -> Dict[str, Any]:
             keys = [k for k in sec if k != SCATTER_KEY and k not in exclude]
         missing = [k for k in keys if k not in sec]
         if missing:
-            raise KeyError(f"stage {stage!r} needs config keys {[f'{section}.{k}' for k in missing]}, which the given config lacks")
+            raise KeyError(
+                f"stage {stage!r} needs config keys {[f'{section}.{k}' for k in missing]}, which the given config lacks"
+            )
         out.setdefault(section, {}).update({k: copy.deepcopy(sec[k]) for k in keys})
     return out
