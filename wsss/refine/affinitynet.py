@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import config_hash
-from ..engine import TrainConfig, load_model_state, save_checkpoint, train
+from ..engine import load_model_state, save_checkpoint, train, train_config_from
 from ..io import DataError, voc_palette, write_label_png
 from ..methods.base import Method, StepContext
 from ..models.backbones import Backbone, build_backbone
@@ -768,18 +768,7 @@ def train_affinitynet(
         p.color_jitter,
         p.seed,
     )
-    cfg = TrainConfig(
-        epochs=p.epochs,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        weight_decay=p.weight_decay,
-        momentum_mode=p.momentum_mode,
-        momentum=p.momentum,
-        poly_power=p.poly_power,
-        amp=p.amp,
-        seed=p.seed,
-        drop_last=True,
-    )
+    cfg = train_config_from({**dataclasses.asdict(p), "drop_last": True})  # the training keys of the section
     work_dir = Path(work_dir)
     trained = work_dir / "trained.pt"
     out = train(

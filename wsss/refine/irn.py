@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ..config import config_hash
 from ..data.classification import sample_rng
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_crop, rescale
-from ..engine import TrainConfig, load_model_state, save_checkpoint, train
+from ..engine import load_model_state, save_checkpoint, train, train_config_from
 from ..io import DataError, read_label_png, voc_palette, write_label_png
 from ..methods.base import Method, StepContext
 from ..models.backbones import Backbone, ResNet, build_backbone
@@ -637,18 +637,7 @@ def train_irn(
     method = IRNMethod(
         p.backbone, p.pretrained, p.radius, p.edge_lr_mult, p.dp_lr_mult, p.affinity_weight, p.displacement_weight
     )
-    cfg = TrainConfig(
-        epochs=p.epochs,
-        batch_size=p.batch_size,
-        lr=p.lr,
-        weight_decay=p.weight_decay,
-        momentum_mode=p.momentum_mode,
-        momentum=p.momentum,
-        poly_power=p.poly_power,
-        amp=p.amp,
-        seed=p.seed,
-        drop_last=True,
-    )
+    cfg = train_config_from({**dataclasses.asdict(p), "drop_last": True})  # the training keys of the section
     work_dir = Path(work_dir)
     trained = work_dir / "trained.pt"
     out = train(
