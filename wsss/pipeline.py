@@ -171,6 +171,56 @@ def stored_ids(ids: Sequence[str], skipped: set) -> list:
     return [i for i in ids if i not in skipped]
 
 
+class CamShardJob:
+    """One shard job over the CAM images (the per-image stages: CRF, seed masks, IR labels, IRN and
+    AffinityNet masks, AffinityNet labels). Use as a context manager: inside, ``ds``, ``store`` (the
+    open CAM store), ``ids`` (this shard's images that have CAMs), ``out_dir`` (``masks-<hash>/`` of
+    ``resolved``) and ``journal`` (resume of an interrupted attempt of this same job); on a clean
+    exit it writes the shard marker (``kind``; images skipped upstream recorded) and ends the journal.
+    ``inputs``: files besides the CAM shards whose identity the journal checks (a model, a sweep)."""
+
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        resolved: Mapping[str, Any],
+        kind: str,
+        cam_paths: Sequence[str],
+        marker: str,
+        shard_index: int,
+        num_shards: int,
+        inputs: Sequence[str] = (),
+    ):
+        self.ds = open_dataset(cfg)
+        self.resolved, self.kind, self.cam_paths, self.marker = resolved, kind, list(cam_paths), marker
+        self.out_dir = masks_dir(Path(marker).parent, resolved)
+        self.mine = shard_ids(cam_ids(cfg, self.ds), shard_index, num_shards)
+        self.journal = shard_journal(marker, resolved, [*self.cam_paths, *inputs])
+
+    def __enter__(self) -> "CamShardJob":
+        from .cams import CamStore
+
+        self._cams = CamStore(self.cam_paths)
+        self.store = self._cams.__enter__()
+        self.ids = stored_ids(self.mine, self.store.skipped)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._cams.__exit__(*exc)
+        if exc[0] is None:
+            self.write_marker(self.marker, self.kind, self.out_dir)
+            self.journal.finish()
+
+    def write_marker(self, marker: str, kind: str, mask_dir: Path) -> None:
+        write_shard_marker(
+            marker,
+            kind=kind,
+            ids=self.ids,
+            mask_dir=mask_dir,
+            resolved=self.resolved,
+            skipped=set(self.mine) - set(self.ids),
+        )
+
+
 def evaluate_seeds(
     cfg: Mapping[str, Any], cam_paths: Sequence[str], out_csv: str, gallery_png: str, progress: bool = True
 ):
@@ -223,22 +273,13 @@ def crf_shard(
     progress: bool = True,
 ) -> Path:
     """CRF masks of one shard of the CAM images (wsss.refine.crf), resumable."""
-    from .cams import CamStore
     from .refine.crf import crf_masks_shard
 
-    ds = open_dataset(cfg)
-    resolved = stage_params(cfg, "crf")
-    out_dir = masks_dir(Path(marker).parent, resolved)
-    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
-    journal = shard_journal(marker, resolved, cam_paths)
-    with CamStore(cam_paths) as store:
-        ids = stored_ids(mine, store.skipped)
+    with CamShardJob(cfg, stage_params(cfg, "crf"), "crf", cam_paths, marker, shard_index, num_shards) as job:
         stats = crf_masks_shard(
-            ds, store, ids, out_dir, cfg["crf"], progress=progress, workers=threads, journal=journal
+            job.ds, job.store, job.ids, job.out_dir, cfg["crf"], progress=progress, workers=threads, journal=job.journal
         )
     log.info("CRF shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(marker, kind="crf", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
-    journal.finish()
     return Path(marker)
 
 
@@ -273,37 +314,29 @@ def seed_masks_shard(
     cfg: Mapping[str, Any], cam_paths: Sequence[str], sweep_csv: str, marker: str, shard_index: int, num_shards: int
 ) -> Path:
     """CAM seeds at the chosen background threshold as PNG label maps (a pseudo-mask source)."""
-    from .cams import CamStore
     from .io import voc_palette, write_label_png
     from .seeds import cam_to_label, chosen_threshold
     from .workflow.per_image import map_images
 
-    ds = open_dataset(cfg)
     t = chosen_threshold(sweep_csv)
     resolved = dict(stage_params(cfg, "seed_masks"), seed_threshold=t)
-    out_dir = masks_dir(Path(marker).parent, resolved)
-    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
-    out_dir.mkdir(parents=True, exist_ok=True)
     pal = voc_palette()
-    journal = shard_journal(marker, resolved, [*cam_paths, sweep_csv])
-
-    with CamStore(cam_paths) as store:
-        ids = stored_ids(mine, store.skipped)
+    job = CamShardJob(cfg, resolved, "seeds", cam_paths, marker, shard_index, num_shards, inputs=[sweep_csv])
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    with job:
 
         def one(image_id: str) -> None:
-            rec = store.get(image_id, fields=("keys", "high_res"))
-            write_label_png(out_dir / f"{image_id}.png", cam_to_label(rec.high_res, rec.keys, t), pal)
+            rec = job.store.get(image_id, fields=("keys", "high_res"))
+            write_label_png(job.out_dir / f"{image_id}.png", cam_to_label(rec.high_res, rec.keys, t), pal)
 
         map_images(
-            ids,
+            job.ids,
             one,
-            exists=lambda i: (out_dir / f"{i}.png").exists(),
-            journal=journal,
+            exists=lambda i: (job.out_dir / f"{i}.png").exists(),
+            journal=job.journal,
             desc="seed masks",
             progress=False,
         )
-    write_shard_marker(marker, kind="seeds", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids))
-    journal.finish()
     return Path(marker)
 
 
@@ -427,24 +460,21 @@ def ir_labels_shard(
     threads: int = 1,
     progress: bool = True,
 ) -> Path:
-    from .cams import CamStore
     from .refine.ir_labels import make_ir_labels
 
-    ds = open_dataset(cfg)
     resolved = stage_params(cfg, "ir_labels")
-    out_dir = masks_dir(Path(marker).parent, resolved)
-    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
-    journal = shard_journal(marker, resolved, cam_paths)
-    with CamStore(cam_paths) as store:
-        ids = stored_ids(mine, store.skipped)
+    with CamShardJob(cfg, resolved, "ir_labels", cam_paths, marker, shard_index, num_shards) as job:
         stats = make_ir_labels(
-            ds, store, ids, out_dir, cfg["irn"]["ir_label"], workers=threads, progress=progress, journal=journal
+            job.ds,
+            job.store,
+            job.ids,
+            job.out_dir,
+            cfg["irn"]["ir_label"],
+            workers=threads,
+            progress=progress,
+            journal=job.journal,
         )
     log.info("IR labels shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(
-        marker, kind="ir_labels", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids)
-    )
-    journal.finish()
     return Path(marker)
 
 
@@ -502,38 +532,28 @@ def irn_masks_shard(
     threads: int = 1,
     progress: bool = True,
 ) -> Path:
-    from .cams import CamStore
     from .refine.irn import make_irn_masks
 
-    ds = open_dataset(cfg)
     resolved = stage_params(cfg, "irn_infer")
-    out_dir = masks_dir(Path(marker).parent, resolved)
     conf_dir = masks_dir(Path(conf_marker).parent, resolved) if conf_marker else None
-    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     device, _ = device_and_workers(threads)
-    journal = shard_journal(marker, resolved, [*cam_paths, model_path])
-    with CamStore(cam_paths) as store:
-        ids = stored_ids(mine, store.skipped)
+    job = CamShardJob(cfg, resolved, "irn", cam_paths, marker, shard_index, num_shards, inputs=[model_path])
+    with job:
         stats = make_irn_masks(
-            ds,
-            store,
-            ids,
+            job.ds,
+            job.store,
+            job.ids,
             model_path,
-            out_dir,
+            job.out_dir,
             cfg["irn"]["infer"],
             conf_dir=conf_dir,
             device=device,
             progress=progress,
-            journal=journal,
+            journal=job.journal,
         )
+        if conf_marker:  # written before the job's own marker and the end of its journal
+            job.write_marker(conf_marker, "irn_confidence", conf_dir)
     log.info("IRN masks shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    skipped = set(mine) - set(ids)
-    write_shard_marker(marker, kind="irn", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=skipped)
-    if conf_marker:
-        write_shard_marker(
-            conf_marker, kind="irn_confidence", ids=ids, mask_dir=conf_dir, resolved=resolved, skipped=skipped
-        )
-    journal.finish()
     return Path(marker)
 
 

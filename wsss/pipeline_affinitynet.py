@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence
 
 from .data import open_dataset
-from .pipeline import cam_ids, stored_ids
-from .workflow.adapter import shard_ids
+from .pipeline import CamShardJob, stored_ids
 from .workflow.jobs import device_and_workers, set_aside_stale_checkpoint
-from .workflow.markers import masks_dir, read_shard_markers_full, shard_journal, write_shard_marker
+from .workflow.markers import read_shard_markers_full
 from .workflow.stages import stage_params
 
 log = logging.getLogger(__name__)
@@ -52,24 +51,21 @@ def affinity_labels_shard(
     progress: bool = True,
 ) -> Path:
     """The two CRF label maps (``la/``, ``ha/``) of one shard of the CAM images, resumable."""
-    from .cams import CamStore
     from .refine.affinity_labels import make_affinity_labels
 
-    ds = open_dataset(cfg)
     resolved = stage_params(cfg, "affinity_labels")
-    out_dir = masks_dir(Path(marker).parent, resolved)
-    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
-    journal = shard_journal(marker, resolved, cam_paths)
-    with CamStore(cam_paths) as store:
-        ids = stored_ids(mine, store.skipped)
+    with CamShardJob(cfg, resolved, "affinity_labels", cam_paths, marker, shard_index, num_shards) as job:
         stats = make_affinity_labels(
-            ds, store, ids, out_dir, cfg["affinitynet"]["label"], workers=threads, progress=progress, journal=journal
+            job.ds,
+            job.store,
+            job.ids,
+            job.out_dir,
+            cfg["affinitynet"]["label"],
+            workers=threads,
+            progress=progress,
+            journal=job.journal,
         )
     log.info("AffinityNet labels shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(
-        marker, kind="affinity_labels", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids)
-    )
-    journal.finish()
     return Path(marker)
 
 
@@ -117,31 +113,22 @@ def affinitynet_masks_shard(
     progress: bool = True,
 ) -> Path:
     """Random-walk pseudo-masks of one shard of the CAM images, resumable."""
-    from .cams import CamStore
     from .refine.affinitynet import make_affinitynet_masks
 
-    ds = open_dataset(cfg)
     resolved = stage_params(cfg, "affinitynet_infer")
-    out_dir = masks_dir(Path(marker).parent, resolved)
-    mine = shard_ids(cam_ids(cfg, ds), shard_index, num_shards)
     device, _ = device_and_workers(threads)
-    journal = shard_journal(marker, resolved, [*cam_paths, model_path])
-    with CamStore(cam_paths) as store:
-        ids = stored_ids(mine, store.skipped)
+    job = CamShardJob(cfg, resolved, "affinitynet", cam_paths, marker, shard_index, num_shards, inputs=[model_path])
+    with job:
         stats = make_affinitynet_masks(
-            ds,
-            store,
-            ids,
+            job.ds,
+            job.store,
+            job.ids,
             model_path,
-            out_dir,
+            job.out_dir,
             cfg["affinitynet"]["infer"],
             device=device,
             progress=progress,
-            journal=journal,
+            journal=job.journal,
         )
     log.info("AffinityNet masks shard %d/%d: %s", shard_index + 1, num_shards, stats)
-    write_shard_marker(
-        marker, kind="affinitynet", ids=ids, mask_dir=out_dir, resolved=resolved, skipped=set(mine) - set(ids)
-    )
-    journal.finish()
     return Path(marker)
