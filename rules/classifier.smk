@@ -15,7 +15,7 @@ rule train_classifier:
             caption="../report/train_log.rst",
         ),
     params:
-        cfg=stage_params("classifier"),
+        cfg=classifier_params,
         work_dir=f"{RESULTS}/{{experiment}}/classifier/work",
     log:
         f"{LOGS}/{{experiment}}/train_classifier.log",

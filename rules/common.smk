@@ -65,8 +65,19 @@ def stage_params(stage):
 
 
 def classifier_inputs(wildcards):
-    """Other experiments' model files this experiment's training starts from (SMAF, ACR)."""
+    """Other experiments' model files this experiment's training starts from (SMAF, ACR) and the
+    saliency maps of the methods trained on them (EPS)."""
     return CHECKED["classifier_inputs"][wildcards.experiment]
+
+
+def classifier_params(wildcards):
+    """The classifier stage config; plus the `saliency` section for methods trained on saliency
+    maps (EPS), so that only their jobs depend on it."""
+    run_cfg = EXPERIMENT_CFG[wildcards.experiment]
+    params = wstages.stage_params(run_cfg, "classifier")
+    if CHECKED["needs_saliency"][wildcards.experiment]:
+        params["saliency"] = dict(run_cfg["saliency"])
+    return params
 
 
 #: mask folder under a run -> (kind recorded in metrics.csv, scatter name of its shards)

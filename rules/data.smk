@@ -62,7 +62,8 @@ rule dataset_stats:
 
 # One download rule per archive (VOC 2012 trainval, SBD aug labels, COCO 2014 images and
 # annotations): resumable, checksum-verified, extracted safely; the marker is written last.
-for _archive in wpaths.ARCHIVES_OF[CFG["dataset"]["name"]] if not CFG["dataset"]["root"] else []:
+# The saliency maps of EPS (voc12_saliency) download only when an experiment's training asks for them.
+for _archive in wpaths.ARCHIVES_OF[CFG["dataset"]["name"]] + wpaths.saliency_archives(CFG) if not CFG["dataset"]["root"] else []:
 
     rule:
         name:

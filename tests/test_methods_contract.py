@@ -72,7 +72,9 @@ def _options(name: str, teacher_file) -> dict:
 def _batch():
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    return {"image": torch.randn(2, 3, SIZE, SIZE, generator=g), "label": labels}
+    image = torch.randn(2, 3, SIZE, SIZE, generator=g)
+    # saliency maps for the methods that train on them (EPS); the others ignore the key
+    return {"image": image, "label": labels, "saliency": torch.rand(2, 1, SIZE, SIZE, generator=g)}
 
 
 def _build(name: str, teacher_file) -> Method:

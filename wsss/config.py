@@ -599,6 +599,13 @@ def dataset_root(cfg: Mapping[str, Any]) -> Path:
     return base / dataset_tag(cfg)
 
 
+def saliency_dir(cfg: Mapping[str, Any]) -> Path:
+    """Folder of the saliency maps (``<id>.png``) of the methods that train on them:
+    ``saliency.root``, else ``<dataset root>/SALImages`` (synthetic: generated; voc12: downloaded)."""
+    root = (cfg.get("saliency") or {}).get("root")
+    return Path(root) if root else dataset_root(cfg) / "SALImages"
+
+
 def load_config_file(path: str | Path) -> Dict[str, Any]:
     path = Path(path)
     try:

@@ -31,11 +31,17 @@ log = logging.getLogger(__name__)
 
 def classifier_inputs(cfg: Mapping[str, Any]) -> list:
     """Model files an experiment's classifier training reads besides the data (the method's
-    :meth:`~wsss.methods.base.Method.required_files`, e.g. SMAF's teacher); Snakemake makes them
-    inputs so the DAG trains them first."""
-    from .methods import required_files
+    :meth:`~wsss.methods.base.Method.required_files`, e.g. SMAF's teacher) and, for methods that
+    train on saliency maps (EPS), the saliency folder or the marker of what makes it
+    (:func:`wsss.workflow.paths.saliency_inputs`); Snakemake makes them inputs so the DAG makes
+    them first."""
+    from .methods import needs_saliency, required_files
+    from .workflow.paths import saliency_inputs
 
-    return required_files(cfg)
+    files = required_files(cfg)
+    if needs_saliency(cfg):
+        files += saliency_inputs(cfg)
+    return files
 
 
 def classifier_config(cfg: Mapping[str, Any]) -> Dict[str, Any]:
@@ -55,9 +61,11 @@ def train_classifier(
     ``log_out``: where to copy the step log (loss terms per step) when training is done."""
     import torch
 
+    from .config import saliency_dir
     from .data.classification import ClassificationTrainSet, select_labelled
     from .engine import train, train_config_from
-    from .methods import build_classifier
+    from .io import DataError
+    from .methods import build_classifier, needs_saliency
 
     resolved = classifier_config(cfg)
     c = cfg["classifier"]
@@ -71,7 +79,15 @@ def train_classifier(
         color_jitter=tuple(c["color_jitter"]) if c["color_jitter"] else None,
         color_jitter_p=c["color_jitter_p"],
     )
-    train_set = ClassificationTrainSet(ds, ids, labels, transform, seed=c["seed"])
+    saliency = None
+    if needs_saliency(cfg):
+        saliency = saliency_dir(cfg)
+        if not saliency.is_dir():
+            raise DataError(
+                f"method {c['method']} trains on saliency maps, but the folder {saliency} does not exist; "
+                "set saliency.root (docs/methods/eps.md)"
+            )
+    train_set = ClassificationTrainSet(ds, ids, labels, transform, seed=c["seed"], saliency_dir=saliency)
     set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
     torch.manual_seed(c["seed"])
     method = build_classifier(cfg, ds.num_fg_classes)

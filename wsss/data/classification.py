@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Mapping, Sequence
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..io import DataError
+from ..io import DataError, read_image
 from .base import SegDataset
 from .transforms import TrainTransform, multiscale_views
 
@@ -44,11 +45,38 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, index]))
 
 
-class ClassificationTrainSet(Dataset):
-    """Random crops with multi-hot labels; call :meth:`set_epoch` before each epoch."""
+def saliency_path(saliency_dir: str | Path, image_id: str) -> Path:
+    """The saliency map of an image: ``<saliency_dir>/<id>.png`` (EPS ``get_saliency_path``)."""
+    return Path(saliency_dir) / f"{image_id}.png"
 
-    def __init__(self, ds: SegDataset, ids: Sequence[str], labels: Mapping[str, np.ndarray], transform: TrainTransform, seed: int = 0):
+
+def read_saliency(path: str | Path) -> np.ndarray:
+    """A saliency map as uint8 ``HxW`` (grey or equal channels) or ``HxWx3`` (averaged later, as
+    EPS's loader); a missing file raises :class:`DataError` naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"saliency map not found: {path} (the method trains on saliency maps; set saliency.root to the "
+            "folder of <image id>.png maps, or regenerate the synthetic dataset, which writes SALImages/)"
+        )
+    rgb = read_image(path)
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 0] == rgb[..., 2]).all():
+        return np.ascontiguousarray(rgb[..., 0])
+    return rgb
+
+
+class ClassificationTrainSet(Dataset):
+    """Random crops with multi-hot labels; call :meth:`set_epoch` before each epoch.
+
+    ``saliency_dir`` (methods with ``needs_saliency``, EPS): each sample also carries ``saliency``,
+    the image's ``<saliency_dir>/<id>.png`` under the same resize, flip and crop (``1xHxW`` float32
+    in [0, 1], :meth:`TrainTransform.with_saliency`); ``None`` reads no saliency map.
+    """
+
+    def __init__(self, ds: SegDataset, ids: Sequence[str], labels: Mapping[str, np.ndarray], transform: TrainTransform, seed: int = 0,
+                 saliency_dir: Optional[str | Path] = None):
         self.ds, self.ids, self.labels, self.transform, self.seed = ds, list(ids), labels, transform, seed
+        self.saliency_dir = Path(saliency_dir) if saliency_dir is not None else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -60,13 +88,24 @@ class ClassificationTrainSet(Dataset):
     def __getitem__(self, index: int) -> Dict[str, object]:
         image_id = self.ids[index]
         img = self.ds.load_image(image_id)
-        x = self.transform(img, sample_rng(self.seed, self.epoch, index))
-        return {
+        rng = sample_rng(self.seed, self.epoch, index)
+        if self.saliency_dir is None:
+            x, sal = self.transform(img, rng), None
+        else:
+            path = saliency_path(self.saliency_dir, image_id)
+            try:
+                x, sal = self.transform.with_saliency(img, read_saliency(path), rng)
+            except ValueError as e:
+                raise DataError(f"saliency map {path}: {e}") from e
+        out = {
             "image": torch.from_numpy(x),
             "label": torch.as_tensor(np.asarray(self.labels[image_id], dtype=np.float32)),
             "index": index,
             "id": image_id,
         }
+        if sal is not None:
+            out["saliency"] = torch.from_numpy(sal)
+        return out
 
 
 class MultiScaleSet(Dataset):

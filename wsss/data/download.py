@@ -163,6 +163,19 @@ ARCHIVES: Dict[str, ArchiveSpec] = {
             members_prefix="SegmentationClassAug",
         ),
         ArchiveSpec(
+            # The PFAN saliency maps of VOC 2012 that EPS (halbielee/EPS README, "Saliency maps")
+            # and SMAF (bupt-ai-cz/SMAF, dataset/VOC2012/SALImages) train on, from the EPS authors'
+            # Google Drive. No published checksum: trust on first use (download.saliency_sha256 pins it).
+            name="voc12_saliency",
+            url="https://drive.usercontent.google.com/download?id=19AjSmgdMlIZH4FXVZ5zjlUZcoZZCkwrI&export=download&confirm=t",
+            size=None,
+            md5=None,
+            sha256=None,
+            filename="SALImages.zip",
+            subdir="voc12/VOCdevkit/VOC2012",
+            members_prefix="SALImages",
+        ),
+        ArchiveSpec(
             name="coco2014_train",
             url="http://images.cocodataset.org/zips/train2014.zip",
             size=13_510_573_713,

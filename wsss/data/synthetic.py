@@ -8,6 +8,8 @@ so the whole pipeline (classifier, CAM, IRN, CRF, DeepLab) runs on a laptop with
       SegmentationClass/syn_000001.png    palette PNGs (VOC palette) for train + val
       SegmentationClassAug/syn_000001.png grayscale index PNGs for train_aug + val
       Annotations/syn_000001.xml          VOC-style XML, one <object> per visible instance
+      SALImages/syn_000001.png            grey saliency map (0-255): an imperfect estimate, see
+                                          :func:`saliency_map` (EPS trains on it)
       ImageSets/Segmentation/{train,val,trainval,train_aug}.txt
       classes.json                        class names, palette, generator parameters
       meta.json                           per image: size, water drawn, objects (class, size, bbox)
@@ -726,6 +728,90 @@ def render_image(index: int, seed: int, params: Dict[str, Any]) -> Tuple[np.ndar
     return rgb, label, meta
 
 
+#: salt of the saliency maps' random stream: they never draw from an image's own generator,
+#: so images and masks are the same bytes with or without them
+SALIENCY_SALT = 0x5A11
+
+
+def saliency_map(label: np.ndarray, seed: int, index: int) -> np.ndarray:
+    """An off-the-shelf-detector-like saliency map (uint8 ``HxW``, 0-255) of image ``index`` from its
+    label map: imperfect on purpose, never a copy of the ground truth.
+
+    Deterministic from ``(seed, index)`` (its own ``SeedSequence`` stream). Each object class region
+    gets a strength in [0.55, 1]; a region smaller than 1% of the image is missed with probability
+    0.7; with probability 0.3 a region loses one side (a random half-plane drops to 30%); 0-2 blobs
+    of 4-13% of the short side appear on the background (false positives, strength 0.3-0.9); the
+    map is blurred (Gaussian, radius about 2% of the long side: soft edges) and gets mild noise.
+    The void band (255) between regions counts as the neighbouring object before blurring.
+    """
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), SALIENCY_SALT]))
+    H, W = label.shape
+    out = np.zeros((H, W), np.float32)
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    for c in [int(v) for v in np.unique(label) if 0 < v < 255]:
+        region = label == c
+        miss = region.mean() < 0.01 and rng.uniform() < 0.7
+        strength = rng.uniform(0.55, 1.0)
+        partial = rng.uniform() < 0.3
+        phi, shift = rng.uniform(0, 2 * np.pi), rng.uniform(-0.2, 0.2)
+        if miss:
+            continue
+        value = np.full((H, W), strength, np.float32)
+        if partial:
+            ys, xs = np.nonzero(region)
+            u = (xx - xs.mean()) * np.cos(phi) + (yy - ys.mean()) * np.sin(phi)
+            value[u > shift * max(1.0, np.sqrt(region.sum()))] *= 0.3
+        out = np.where(region, np.maximum(out, value), out)
+    void = label == 255
+    if void.any():  # the void band takes the largest value of its 3x3 neighbourhood
+        padded = np.pad(out, 1)
+        neigh = np.max([padded[dy:dy + H, dx:dx + W] for dy in range(3) for dx in range(3)], axis=0)
+        out[void] = neigh[void]
+    for _ in range(int(rng.integers(0, 3))):
+        r = min(H, W) * rng.uniform(0.04, 0.13)
+        cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+        blob = ((yy - cy) / r) ** 2 + ((xx - cx) / (r * rng.uniform(0.6, 1.6))) ** 2 <= 1.0
+        out = np.where(blob, np.maximum(out, rng.uniform(0.3, 0.9)), out)
+    img = Image.fromarray(np.clip(np.round(out * 255), 0, 255).astype(np.uint8), mode="L")
+    img = img.filter(ImageFilter.GaussianBlur(radius=max(1.0, 0.02 * max(H, W))))
+    sal = np.asarray(img, dtype=np.float32) + rng.normal(0, 4.0, (H, W)).astype(np.float32)
+    return np.clip(np.round(sal), 0, 255).astype(np.uint8)
+
+
+def _write_saliency(path: Path, sal: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(sal, mode="L").save(tmp, format="PNG")
+
+
+def add_missing_saliency(root: str | os.PathLike, seed: int, params: Dict[str, Any]) -> bool:
+    """Write ``SALImages/`` into a complete dataset generated before saliency maps existed (from
+    its label maps; the same bytes a fresh generation writes). Atomic: the folder appears whole.
+    Returns whether anything was written."""
+    from ..io import read_label_png
+
+    root = Path(root)
+    if (root / "SALImages").is_dir():
+        return False
+    tmp = root / f".SALImages.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for index, image_id in enumerate(image_ids(params)["all"]):
+            label = read_label_png(root / "SegmentationClassAug" / f"{image_id}.png")
+            _write_saliency(tmp / f"{image_id}.png", saliency_map(label, seed, index))
+        try:
+            os.rename(tmp, root / "SALImages")
+        except OSError:
+            if not (root / "SALImages").is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True
+
+
 def _truncated(m: np.ndarray) -> bool:
     """Whether a shape mask touches the image border (the object extends beyond the image)."""
     return bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
@@ -772,6 +858,7 @@ def _write_image(job: Tuple[int, str, int, Dict[str, Any], str, bool]) -> Dict[s
         write_label_png(out_p / "SegmentationClass" / f"{image_id}.png", label, palette=voc_palette())
     with atomic_path(out_p / "Annotations" / f"{image_id}.xml") as tmp:
         tmp.write_bytes(annotation_xml(image_id, meta))
+    _write_saliency(out_p / "SALImages" / f"{image_id}.png", saliency_map(label, seed, index))
     return {"id": image_id, "index": index, **meta}
 
 
@@ -864,6 +951,7 @@ def generate_synthetic(root: str | os.PathLike, preset: str = "default", seed: i
         marker = _read_marker(root)
         if marker is not None:
             if _marker_matches(marker, seed, params):
+                add_missing_saliency(root, seed, params)  # a dataset of the generator before SALImages/
                 return {**marker.get("counts", {}), "root": str(root), "generated": False}
             raise _mismatch_error(root, marker, seed, params)
         if not _is_ours(root):
@@ -903,7 +991,8 @@ def _generate_into(out: Path, preset: str, seed: int, params: Dict[str, Any], wo
 
     splits = image_ids(params)
     seg_class = set(splits["trainval"])
-    for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "Annotations", "ImageSets/Segmentation"):
+    for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "Annotations", "SALImages",
+              "ImageSets/Segmentation"):
         (out / d).mkdir(parents=True, exist_ok=True)
     jobs = [(i, image_id, seed, params, str(out), image_id in seg_class) for i, image_id in enumerate(splits["all"])]
     bar = dict(total=len(jobs), desc="synthetic images", unit="img", disable=not progress, mininterval=1.0)

@@ -132,15 +132,39 @@ class TrainTransform:
             raise ValueError(f"color_jitter_p must lie in [0, 1], got {self.color_jitter_p!r}")
 
     def __call__(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return self.with_saliency(img, None, rng)[0]
+
+    def with_saliency(
+        self, img: np.ndarray, saliency: Optional[np.ndarray], rng: np.random.Generator
+    ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+        """The image transform plus the same geometry on a saliency map (EPS's
+        ``transform_with_mask``): ``saliency`` uint8 ``HxW`` (or ``HxWx3``, averaged over channels
+        as the official loader) of the image's size; returns ``(3xHxW image, 1xHxW float32 saliency
+        in [0, 1] or None)``. Same long-side resize (bicubic, as the official code), flip and crop
+        (zero padding) as the image, no colour jitter; the random numbers drawn are those of
+        :meth:`__call__`, so the image is the same with and without a saliency map."""
+        if saliency is not None and saliency.shape[:2] != img.shape[:2]:
+            raise ValueError(f"saliency map of size {saliency.shape[:2]} for an image of size {img.shape[:2]}")
         lo, hi = self.resize_long
-        img = resize_long(img, int(rng.integers(lo, hi + 1)))
+        long_side = int(rng.integers(lo, hi + 1))
+        img = resize_long(img, long_side)
+        if saliency is not None:
+            saliency = resize_long(saliency, long_side)
         if self.hflip and rng.random() < 0.5:
             img = img[:, ::-1]
+            if saliency is not None:
+                saliency = saliency[:, ::-1]
         if self.color_jitter is not None:
             img = color_jitter(img, self.color_jitter, self.color_jitter_p, rng)
         x = normalize(img, self.mean, self.std)
-        (x,) = random_crop([x], self.crop_size, rng, pad_values=[0.0])
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        if saliency is None:
+            (x,) = random_crop([x], self.crop_size, rng, pad_values=[0.0])
+            return np.ascontiguousarray(x.transpose(2, 0, 1)), None
+        s = saliency.astype(np.float32) / 255.0
+        if s.ndim == 3:
+            s = s.mean(axis=2)
+        x, s = random_crop([x, s], self.crop_size, rng, pad_values=[0.0, 0.0])
+        return np.ascontiguousarray(x.transpose(2, 0, 1)), np.ascontiguousarray(s[None])
 
 
 def multiscale_views(img: np.ndarray, scales: Sequence[float], flip: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):

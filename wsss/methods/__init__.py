@@ -6,7 +6,9 @@ the rest of the package uses.
 * :func:`list_methods`: every valid name;
 * :func:`build_classifier`: the configured method with its backbone (``classifier`` section);
 * :func:`required_files`: the model files the configured method's training reads
-  (:meth:`.base.Method.required_files`), for the workflow's inputs.
+  (:meth:`.base.Method.required_files`), for the workflow's inputs;
+* :func:`needs_saliency`: whether the configured method trains on saliency maps
+  (:attr:`.base.Method.needs_saliency`).
 """
 
 from __future__ import annotations
@@ -80,3 +82,17 @@ def required_files(cfg: Mapping[str, Any]) -> List[str]:
         options.pop("islfsl", None)
     load_builtin_methods()
     return [str(p) for p in METHODS.get(name).required_files(options)]
+
+
+def needs_saliency(cfg: Mapping[str, Any]) -> bool:
+    """Whether the classifier training of an experiment reads saliency maps
+    (:attr:`~.base.Method.needs_saliency` of the registered method; ``"<method>+islfsl"`` asks
+    ``<method>``). ``cfg``: the experiment's merged config or its ``classifier`` section."""
+    c = cfg["classifier"] if "classifier" in cfg else cfg
+    name = c.get("method")
+    if not name:
+        return False
+    if name.endswith(ISLFSL_SUFFIX):
+        name = name[: -len(ISLFSL_SUFFIX)]
+    load_builtin_methods()
+    return bool(getattr(METHODS.get(name), "needs_saliency", False))

@@ -18,6 +18,10 @@ A method owns its networks (a backbone from ``wsss.models`` plus heads) and expo
 * ``required_files(options)`` (a classmethod): model files that training with these
   ``method_options`` reads besides the data (SMAF's teacher, ACR's initialisations); the workflow
   makes them inputs of the training job. Default: none.
+* ``needs_saliency`` (class attribute, default False): training batches must carry ``saliency``
+  (``B x 1 x H x W`` in [0, 1], the off-the-shelf saliency map cropped with the image; EPS); the
+  classification dataset loads it and the workflow makes the saliency maps an input of the
+  training job only for such methods.
 
 ``C`` is the number of foreground classes; methods with a background output (KTSE: C+1) still
 return only the foreground maps from ``cam``.
@@ -54,6 +58,8 @@ class Method(nn.Module):
     """Base class; subclasses register themselves with ``@METHODS.register("name")``."""
 
     name: str = "base"
+    #: whether training batches need ``batch["saliency"]`` (module docstring)
+    needs_saliency: bool = False
 
     def param_groups(self) -> List[Dict[str, Any]]:
         raise NotImplementedError

@@ -15,6 +15,9 @@ Options, equations and paper/code deviations: ``docs/methods/smaf.md``.
   divided by its maximum (+1e-5) (Eq. 5).
 * **Reactivation** (Eq. 8): a background channel of constant ``thr = 0.2`` is appended and every
   pixel is divided by its maximum over the channels (the arg-max channel becomes 1).
+* **Student loss** (``student_loss``): for a method with a background channel (EPS, the official
+  setting) the code's ``100 * MSE(softmax(cam), R)`` over all ``C + 1`` channels, ``R`` the
+  reactivated target with its background channel (``softmax_bg``); otherwise (``relu_fg``):
 * **Student**: the same method, initialised from the teacher's weights, trained with
   ``L = cls_weight * BCE + alpha * L_mac`` (Eq. 1, alpha = 100), ``L_mac`` = mean squared error between
   the reactivated target and the student's max-normalised ReLU'd CAM (Eq. 9) upsampled to
@@ -114,6 +117,38 @@ def mac_loss(student: torch.Tensor, target: torch.Tensor, labels: torch.Tensor) 
     return (((student - target) ** 2) * mask).sum() / student.numel()
 
 
+def reactivate_with_background(
+    fused_norm: torch.Tensor, bg_threshold: float = 0.2, bg_index: int = -1, reactivation: bool = True
+) -> torch.Tensor:
+    """The official code's target over all ``C + 1`` channels (``adaptation_modelv2.py``, ``step``):
+    the denoised, normalised foreground maps with a constant background channel ``bg_threshold``
+    inserted at ``bg_index`` (-1 or C: last, as EPS), each pixel divided by its maximum over the
+    channels (Eq. 8); ``reactivation=False`` skips the division."""
+    bg = torch.full_like(fused_norm[:, :1], float(bg_threshold))
+    c = fused_norm.shape[1]
+    idx = c if bg_index in (-1, c) else int(bg_index)
+    r = torch.cat([fused_norm[:, :idx], bg, fused_norm[:, idx:]], dim=1)
+    return r / r.max(dim=1, keepdim=True).values if reactivation else r
+
+
+def softmax_student_loss(full_cam: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The official student loss (``step``): the student's raw ``C + 1`` map resized bilinearly
+    (``align_corners=True``) to the target's size, softmax over the channels, mean squared error
+    against the ``C + 1`` target over all ``B x (C+1) x h x w`` elements."""
+    m = F.interpolate(full_cam.float(), size=target.shape[-2:], mode="bilinear", align_corners=True)
+    return F.mse_loss(F.softmax(m, dim=1), target)
+
+
+#: SMAF student formulations (``student_loss``); ``auto`` picks ``softmax_bg`` for students with a
+#: background channel protocol (``full_cam`` + ``background_channel``: EPS), ``relu_fg`` otherwise
+STUDENT_LOSSES = ("auto", "softmax_bg", "relu_fg")
+
+
+def has_background_channel(method: Any) -> bool:
+    """Whether a method exposes the raw ``C + 1`` map and its background index (EPS)."""
+    return callable(getattr(method, "full_cam", None)) and isinstance(getattr(method, "background_channel", None), int)
+
+
 def epochs_for_iterations(iterations: int, n_images: int, batch_size: int, drop_last: bool = True) -> int:
     """Epochs of the engine that cover ``iterations`` steps (official: 20,000 at batch 8)."""
     steps = n_images // batch_size if drop_last else math.ceil(n_images / batch_size)
@@ -162,7 +197,9 @@ class SMAFMethod(Method):
     classifier section recorded in the teacher file), ``scales`` ([0.5, 1, 1.5, 2]), ``flip``
     (True), ``reactivation`` (True), ``bg_threshold`` (0.2), ``alpha`` (100), ``cls_weight`` (1.0;
     0 = official code), ``target_stride`` (4: loss at crop/4), ``teacher_batch`` (None = whole
-    batch per teacher call). The experiment's ``classifier.backbone`` builds the student's backbone
+    batch per teacher call), ``student_loss`` (``auto``: ``softmax_bg``, the official loss over
+    the ``C + 1`` softmax, for a student with a background channel (EPS); ``relu_fg``, the paper's
+    max-normalised ReLU'd CAMs of the present classes, otherwise). The experiment's ``classifier.backbone`` builds the student's backbone
     and must match the teacher's.
     """
 
@@ -183,8 +220,11 @@ class SMAFMethod(Method):
         cls_weight: float = 1.0,
         target_stride: int = 4,
         teacher_batch: Optional[int] = None,
+        student_loss: str = "auto",
     ):
         super().__init__()
+        if student_loss not in STUDENT_LOSSES:
+            raise ValueError(f"smaf student_loss must be one of {', '.join(STUDENT_LOSSES)}, got {student_loss!r}")
         if not teacher_path:
             raise ValueError("method smaf needs method_options.teacher_path (the teacher's model.pt)")
         scales = tuple(float(s) for s in scales)
@@ -214,6 +254,14 @@ class SMAFMethod(Method):
                 f"SMAF: the student (this experiment's classifier.backbone/backbone_options with method "
                 f"{tcfg['method']!r}) does not fit the teacher {self.teacher_path}: {e}"
             ) from e
+        if student_loss == "auto":
+            student_loss = "softmax_bg" if has_background_channel(self.student) else "relu_fg"
+        elif student_loss == "softmax_bg" and not has_background_channel(self.student):
+            raise ValueError(
+                f"smaf student_loss softmax_bg needs a student with a background channel (e.g. eps); "
+                f"method {tcfg['method']!r} has none: use relu_fg"
+            )
+        self.student_loss = student_loss
         self._teacher: List[Method] = []  # built on the first training step; not a submodule (not saved)
         self._fingerprint: Optional[str] = None
 
@@ -295,11 +343,16 @@ class SMAFMethod(Method):
         return t
 
     def target(self, images: torch.Tensor, labels: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-        """The refined multi-scale attention target ``B x C x h x w`` (no grad)."""
+        """The refined multi-scale attention target (no grad): ``B x C x h x w`` (``relu_fg``) or
+        ``B x (C+1) x h x w`` with the student's background channel (``softmax_bg``)."""
         teacher = self.teacher(images.device)
         with torch.no_grad():
             fused = fuse_multiscale(teacher.cam, images, self.scales, self.flip, size, self.teacher_batch)
             f = denoise_and_normalise(fused, labels.float())
+            if self.student_loss == "softmax_bg":
+                return reactivate_with_background(
+                    f, self.bg_threshold, self.student.background_channel, self.reactivation
+                )
             return reactivate(f, self.bg_threshold) if self.reactivation else f
 
     def losses(self, batch: Dict[str, Any], ctx: StepContext) -> Dict[str, torch.Tensor]:
@@ -307,6 +360,16 @@ class SMAFMethod(Method):
         h, w = images.shape[-2:]
         size = (max(1, h // self.target_stride), max(1, w // self.target_stride))
         target = self.target(images, labels, size)
+        if self.student_loss == "softmax_bg":
+            full = self.student.full_cam(images)
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                terms = {"mac": self.alpha * softmax_student_loss(full, target)}
+                if self.cls_weight > 0:
+                    bg = self.student.background_channel
+                    keep = [k for k in range(full.shape[1]) if k != bg]
+                    logits = full.float().mean(dim=(2, 3))[:, keep]
+                    terms["cls"] = self.cls_weight * F.multilabel_soft_margin_loss(logits, labels.float())
+            return terms
         logits = None
         if callable(getattr(self.student, "features_and_cams", None)):
             out = self.student.features_and_cams(images)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping
 
 #: Bump when :func:`torch_facts` returns something new (cached answers of older code are not read).
-FORMAT = 1
+FORMAT = 2
 
 
 def _code_fingerprint() -> list:
@@ -62,15 +62,17 @@ def cache_key(cfg: Mapping[str, Any], python: str = sys.executable) -> str:
 def torch_facts(cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """What the Snakefile needs from torch (runs in the child): every check of
     :func:`wsss.config.validate_config` (raises :class:`~wsss.config.ConfigError`) and
-    ``{"classifier_inputs": {run: [model files its classifier training reads]}}``."""
+    ``{"classifier_inputs": {run: [model files its classifier training reads]},
+    "needs_saliency": {run: whether it trains on saliency maps}}``."""
     from .. import pipeline
     from ..config import run_config, run_names, validate_config
+    from ..methods import needs_saliency
 
     full = validate_config(cfg)
+    runs = {run: run_config(full, run) for run in run_names(full)}
     return {
-        "classifier_inputs": {
-            run: [str(p) for p in pipeline.classifier_inputs(run_config(full, run))] for run in run_names(full)
-        }
+        "classifier_inputs": {run: [str(p) for p in pipeline.classifier_inputs(rc)] for run, rc in runs.items()},
+        "needs_saliency": {run: bool(needs_saliency(rc)) for run, rc in runs.items()},
     }
 
 

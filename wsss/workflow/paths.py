@@ -46,7 +46,38 @@ def download_options(cfg: Mapping[str, Any], archive: str) -> dict:
         opts["url"] = d["urls"][archive]
     if archive == "sbd_aug" and d["sbd_sha256"]:
         opts["sha256"] = d["sbd_sha256"]
+    if archive == "voc12_saliency" and d.get("saliency_sha256"):
+        opts["sha256"] = d["saliency_sha256"]
     return opts
+
+
+def saliency_archives(cfg: Mapping[str, Any]) -> List[str]:
+    """Archives of the default saliency maps (``voc12_saliency`` for a downloaded VOC without a
+    ``saliency.root``); their download rules run only when a saliency-trained method asks."""
+    if cfg["dataset"]["name"] == "voc12" and not cfg["dataset"]["root"] and not (cfg.get("saliency") or {}).get("root"):
+        return ["voc12_saliency"]
+    return []
+
+
+def saliency_inputs(cfg: Mapping[str, Any]) -> List[str]:
+    """What the classifier training of a saliency-trained method (EPS) waits for: the given
+    ``saliency.root`` folder; the dataset's completion marker for the generated synthetic data
+    (the generator writes ``SALImages/``); the ``voc12_saliency`` download marker for a downloaded
+    VOC; ``<root>/SALImages`` of a user-given dataset root. COCO has no built-in saliency maps."""
+    from ..config import ConfigError, saliency_dir
+
+    if (cfg.get("saliency") or {}).get("root"):
+        return [str(saliency_dir(cfg))]
+    name = cfg["dataset"]["name"]
+    if name == "synthetic" and not cfg["dataset"]["root"]:
+        return dataset_markers(cfg)
+    if name == "voc12" and not cfg["dataset"]["root"]:
+        return [archive_marker(cfg, a) for a in saliency_archives(cfg)]
+    if name == "coco14":
+        raise ConfigError(
+            "dataset coco14 has no built-in saliency maps; set saliency.root to a folder of <id>.png maps"
+        )
+    return [str(saliency_dir(cfg))]
 
 
 def archive_inputs(cfg: Mapping[str, Any]):
