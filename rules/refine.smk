@@ -91,7 +91,8 @@ rule irn_masks_shard:
         f"{LOGS}/{{experiment}}/irn_masks_shard-{{scatteritem}}.log",
     benchmark:
         f"{RESULTS}/{{experiment}}/benchmarks/irn_masks_shard-{{scatteritem}}.tsv"
-    threads: 2
+    # the random walk computes with one thread (bench/threads.py: 2 threads ran it ~10x slower)
+    threads: 1
     resources:
         mem_mb=res.mem_mb(4000),
         runtime=res.runtime(240),
@@ -166,7 +167,8 @@ rule affinitynet_masks_shard:
         f"{LOGS}/{{experiment}}/affinitynet_masks_shard-{{scatteritem}}.log",
     benchmark:
         f"{RESULTS}/{{experiment}}/benchmarks/affinitynet_masks_shard-{{scatteritem}}.tsv"
-    threads: 2
+    # the random walk computes with one thread (bench/threads.py: 2 threads ran it ~10x slower)
+    threads: 1
     resources:
         mem_mb=res.mem_mb(4000),
         runtime=res.runtime(240),

@@ -10,7 +10,14 @@ from typing import Iterator, List, Sequence
 
 @contextlib.contextmanager
 def logged(snakemake) -> Iterator[logging.Logger]:
-    """Send stdout, stderr (tqdm bars included) and ``logging`` of a rule script to its log file."""
+    """Send stdout, stderr (tqdm bars included) and ``logging`` of a rule script to its log file, and
+    limit the job to its ``threads`` (:func:`wsss.workflow.threads.limit_threads`)."""
+    from .threads import limit_threads, rule_kind
+
+    rule = getattr(snakemake, "rule", None)
+    if rule is not None:
+        rule_kind(rule)  # a rule without a thread policy fails here, loudly
+    limit_threads(getattr(snakemake, "threads", 1))
     log_path = Path(snakemake.log[0])
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w", buffering=1) as fh, contextlib.redirect_stderr(fh), contextlib.redirect_stdout(fh):

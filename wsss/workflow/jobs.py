@@ -17,13 +17,16 @@ log = logging.getLogger(__name__)
 
 
 def device_and_workers(threads: int) -> tuple[torch.device, int]:
-    """The device (CUDA when present) and DataLoader workers for a job given ``threads`` cores."""
+    """The device (CUDA when present) and DataLoader workers for a job given ``threads`` cores, with
+    torch's intra-op threads set by the thread policy (:func:`wsss.workflow.threads.torch_job`)."""
     import torch
 
-    threads = max(1, int(threads))
-    torch.set_num_threads(threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return device, max(0, threads - 1)
+    from .threads import limit_threads, torch_job
+
+    cuda = torch.cuda.is_available()
+    compute, workers = torch_job(threads, cuda)
+    limit_threads(compute)
+    return torch.device("cuda" if cuda else "cpu"), workers
 
 
 def set_aside_stale_checkpoint(path: Path, resolved: Mapping[str, Any]) -> None:

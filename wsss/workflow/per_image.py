@@ -6,7 +6,8 @@ bar, and records every finished id in the job's journal.
 
 Pools use :func:`wsss.workflow.process_context` (``fork``): Snakemake runs rule scripts as
 ``__main__``, and a ``spawn`` child would re-execute it. Workers get their read-only state once,
-through ``initializer(*initargs)``, and ``worker_fn(image_id)`` must be a module-level function.
+through ``initializer(*initargs)``, and ``worker_fn(image_id)`` must be a module-level function. Each
+worker computes with one thread (:func:`wsss.workflow.threads.worker_initializer`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from . import process_context
 from .journal import NoJournal
+from .threads import worker_initializer
 
 
 def todo_ids(ids: Sequence[str], journal: Any, exists: Callable[[str], bool]) -> tuple[list, int]:
@@ -57,7 +59,9 @@ def map_images(
                 journal.record(image_id)
                 bar.update()
         else:
-            with process_context().Pool(workers, initializer=initializer, initargs=initargs) as pool:
+            # one thread per worker process (wsss.workflow.threads)
+            pool_args = {"initializer": worker_initializer, "initargs": (initializer, *initargs)}
+            with process_context().Pool(workers, **pool_args) as pool:
                 for image_id in pool.imap_unordered(worker_fn, todo, chunksize=1):
                     journal.record(image_id)
                     bar.update()
