@@ -22,7 +22,8 @@ Documentation with every option and deviation:
 
 How the add-on hooks into a base method (the protocol, see the docs): the base method implements
 ``features_and_cams(images) -> {"cams": raw pre-ReLU class scores B x C x h x w, "logits": B x C, ...}``
-and names its GAP classification term in ``islfsl_cls_term``; optionally it implements
+and names its GAP classification term in ``islfsl_cls_term`` (and, optionally, in
+``islfsl_cls_weight`` the factor that term carries and ISL shares: SEAM's 1/2); optionally it implements
 ``losses_from_outputs(batch, ctx, outputs)`` so that its loss terms reuse the same forward pass.
 """
 
@@ -352,7 +353,8 @@ class ISLFSL(Method):
                         )
                     terms[self.cls_term] = (1.0 - self.isl_lambda) * terms[self.cls_term]
                 if self.isl_lambda > 0:
-                    terms["isl"] = self.scale * self.isl_lambda * self.isl_term(outputs, labels)
+                    w = float(getattr(self.base, "islfsl_cls_weight", 1.0))
+                    terms["isl"] = self.scale * self.isl_lambda * w * self.isl_term(outputs, labels)
                 else:
                     terms["isl"] = outputs["cams"].new_zeros((), dtype=torch.float32)
             if self.fsl:
