@@ -155,11 +155,13 @@ def stage_costs(tmp: Path, n: int, threads: int) -> dict:
             "preset": "voc_scale",
             "overrides": {"n_train_aug": n, "n_train": max(2, n // 2), "n_val": n_val},
         },
-        "classifier": {"epochs": 1},
+        # batches of 4: the smallest rehearsal must give full batches (the per-image cost of a
+        # CPU training step hardly depends on the batch size)
+        "classifier": {"epochs": 1, "batch_size": 4},
         "cam": {"shards": 1},
         "crf": {"shards": 1},
-        "irn": {"shards": 1, "train": {"epochs": 1}},
-        "deeplab": {"epochs": 1, "shards": 1},
+        "irn": {"shards": 1, "train": {"epochs": 1, "batch_size": 4, "mean_shift_batch_size": 4}},
+        "deeplab": {"epochs": 1, "shards": 1, "batch_size": 4},
     }
     extra = tmp / f"stages{n}.yaml"
     extra.write_text(yaml.safe_dump(cfg))

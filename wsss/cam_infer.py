@@ -19,6 +19,13 @@ Where the ReLU sits relative to the resizing is ``cam.upsample`` (:data:`UPSAMPL
   (``align_corners=False``) straight to ``H x W`` (``high_res``) and to ``ceil(H/4) x ceil(W/4)``
   (``cam``), ReLU'd there, and the flip undone before the views are summed;
 * ``auto``: the method's own default, its attribute ``cam_upsample`` (:func:`resolve_upsample`).
+
+Speed options (``cam.precision``, ``cam.channels_last``; ``bench/cam_throughput.py``): each scale's
+image/flip pair is one batch on the device (scales differ in size, and padding them into one batch
+would change the CAM near the borders); the forward pass can run under autocast (``bf16`` or
+``fp16``; the maps are fused in float32; ``tests/test_cam_infer.py`` bounds the difference to
+``fp32``) with the network and views in ``channels_last`` memory format; on a GPU the DataLoader
+workers prepare the next images' views in pinned memory while the device computes.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from .workflow.adapter import shard_ids  # noqa: F401 (the torch-free stages imp
 log = logging.getLogger(__name__)
 
 NORMALISATIONS = ("max", "minmax")
+#: ``cam.precision``: the dtype of the forward pass (autocast), maps are fused in float32
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Orders of ReLU and resizing (module docstring); ``auto`` in the config picks the method's own.
 UPSAMPLES = ("relu_then_raw", "raw_then_relu")
 UPSAMPLE_AUTO = "auto"
@@ -76,6 +85,24 @@ def strided_size(size: Tuple[int, int], stride: int) -> Tuple[int, int]:
     return (math.ceil(size[0] / stride), math.ceil(size[1] / stride))
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown cam.precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+def _forward(fn, view: torch.Tensor, device: torch.device, precision: str, channels_last: bool) -> torch.Tensor:
+    """``fn(view)`` on ``device`` (non-blocking copy), under autocast for ``precision`` != fp32 and
+    in channels_last memory format if asked; returned as float32."""
+    v = view.to(device, non_blocking=True)
+    if channels_last:
+        v = v.contiguous(memory_format=torch.channels_last)
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return fn(v).float()
+    with torch.autocast(device.type, dtype=dtype):
+        return fn(v).float()
+
+
 @torch.no_grad()
 def fused_cams(
     method: Method,
@@ -85,11 +112,17 @@ def fused_cams(
     normalisation: str,
     device: torch.device,
     upsample: str = "relu_then_raw",
+    *,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ):
     """Fuse the multi-scale (flip-pair) views of one image into (``cam``, ``high_res``) numpy maps;
-    ``upsample``: where the ReLU sits (module docstring; ``auto`` = the method's default)."""
+    ``upsample``: where the ReLU sits (module docstring; ``auto`` = the method's default);
+    ``precision``, ``channels_last``: the forward pass (module docstring)."""
+    check_precision(precision)
+    fwd = dict(device=device, precision=precision, channels_last=channels_last)
     if resolve_upsample(method, upsample) == "raw_then_relu":
-        return _fused_raw_then_relu(method, views, size, keys, normalisation, device)
+        return _fused_raw_then_relu(method, views, size, keys, normalisation, fwd)
     h, w = size
     os_ = method.output_stride
     low_size = strided_size(size, 4)
@@ -99,9 +132,9 @@ def fused_cams(
     low = torch.zeros((len(keys),) + low_size, device=device)
     high = torch.zeros((len(keys),) + up_size, device=device)
     for v in views:
-        out = method.cam(v.to(device))
+        out = _forward(method.cam, v, **fwd)
         o = out[0] + out[1].flip(-1) if out.shape[0] == 2 else out[0]
-        o = o[keys_t][None].float()
+        o = o[keys_t][None]
         low += F.interpolate(o, low_size, mode="bilinear", align_corners=False)[0]
         high += F.interpolate(o, up_size, mode="bilinear", align_corners=False)[0]
     high = high[:, :h, :w]
@@ -117,15 +150,16 @@ def _fused_raw_then_relu(
     size: Tuple[int, int],
     keys: np.ndarray,
     normalisation: str,
-    device: torch.device,
+    fwd: Mapping[str, Any],
 ):
     """``raw_then_relu`` fusion: per view ``relu(bilinear(raw CAM, map size))``, flip undone, summed."""
+    device = fwd["device"]
     low_size = strided_size(size, 4)
     keys_t = torch.as_tensor(keys, dtype=torch.long, device=device)
     low = torch.zeros((len(keys),) + low_size, device=device)
     high = torch.zeros((len(keys),) + tuple(size), device=device)
     for v in views:
-        raw = method.raw_cam(v.to(device))[:, keys_t].float()
+        raw = _forward(method.raw_cam, v, **fwd)[:, keys_t]
         for acc, s in ((low, low_size), (high, tuple(size))):
             up = F.relu(F.interpolate(raw, s, mode="bilinear", align_corners=False))
             acc += up[0] + up[1].flip(-1) if up.shape[0] == 2 else up[0]
@@ -146,6 +180,8 @@ def infer_cams(
     normalisation: str,
     resolved_config: Mapping[str, Any],
     upsample: str = UPSAMPLE_AUTO,
+    precision: str = "fp32",
+    channels_last: bool = False,
     shard_index: int = 0,
     num_shards: int = 1,
     device: torch.device | None = None,
@@ -158,16 +194,33 @@ def infer_cams(
     ``skipped``: ids of this shard left out on purpose (unlabelled images), recorded in the shard
     (:attr:`wsss.cams.CamStore.skipped`) so later stages leave them out too. An id of ``ids``
     without any image-level label raises :class:`wsss.io.DataError` (its CAM would have no
-    channel) or without a row in ``labels``. ``upsample``: ``cam.upsample`` (module docstring)."""
+    channel) or without a row in ``labels``. ``upsample``, ``precision``, ``channels_last``:
+    ``cam.upsample``, ``cam.precision``, ``cam.channels_last`` (module docstring)."""
+    check_precision(precision)
     if normalisation not in NORMALISATIONS:
         raise ValueError(f"unknown CAM normalisation {normalisation!r}; valid: {', '.join(NORMALISATIONS)}")
     upsample = resolve_upsample(method, upsample)
-    log.info("CAM inference: %s, %s normalisation", upsample, normalisation)
+    log.info(
+        "CAM inference: %s, %s normalisation, %s%s",
+        upsample,
+        normalisation,
+        precision,
+        ", channels_last" if channels_last else "",
+    )
     select_labelled(ids, labels, "error")  # names missing and unlabelled images
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method.to(device).eval()
+    if channels_last:
+        method.to(memory_format=torch.channels_last)
     dataset = MultiScaleSet(ds, ids, labels, scales, flip)
-    loader = DataLoader(dataset, batch_size=1, num_workers=num_workers, collate_fn=identity_collate)
+    # workers prepare the next images' views (pinned for an asynchronous copy to a GPU)
+    loader = DataLoader(
+        dataset,
+        batch_size=1,
+        num_workers=num_workers,
+        collate_fn=identity_collate,
+        pin_memory=device.type == "cuda",
+    )
     with CamShardWriter(
         out_path,
         config=resolved_config,
@@ -183,7 +236,15 @@ def infer_cams(
         ):
             keys = np.nonzero(sample["label"])[0]
             low, high = fused_cams(
-                method, sample["views"], tuple(sample["size"]), keys, normalisation, device, upsample
+                method,
+                sample["views"],
+                tuple(sample["size"]),
+                keys,
+                normalisation,
+                device,
+                upsample,
+                precision=precision,
+                channels_last=channels_last,
             )
             writer.add(sample["id"], keys, low, high)
     log.info("wrote %d CAMs to %s", len(ids), out_path)

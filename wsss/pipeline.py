@@ -171,6 +171,8 @@ def infer_cam_shard(
         flip=c["flip"],
         normalisation=c["normalisation"],
         upsample=c["upsample"],
+        precision=c["precision"],
+        channels_last=c["channels_last"],
         resolved_config=stage_params(cfg, "cam"),
         shard_index=shard_index,
         num_shards=num_shards,
