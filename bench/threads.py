@@ -57,13 +57,13 @@ def workload(kind: str):
         from wsss.cam_infer import fused_cams
         from wsss.data.transforms import multiscale_views
 
-        method.eval()
+        method.eval().to(memory_format=torch.channels_last)  # cam.channels_last, the default
         img = (np.random.default_rng(0).random((375, 500, 3)) * 255).astype(np.uint8)
         keys = np.array([0, 2])
 
         def infer():
             views = [torch.from_numpy(v) for v in multiscale_views(img, (1.0, 0.5, 1.5, 2.0), True)]
-            fused_cams(method, views, (375, 500), keys, "max", torch.device("cpu"))
+            fused_cams(method, views, (375, 500), keys, "max", torch.device("cpu"), channels_last=True)
 
         return infer
     if kind == "walk":

@@ -999,7 +999,10 @@ def _generate_into(out: Path, preset: str, seed: int, params: Dict[str, Any], wo
     if workers > 1:
         import multiprocessing
 
-        with multiprocessing.get_context().Pool(workers) as pool:
+        from ..workflow.threads import worker_initializer
+
+        # one thread per worker process (wsss.workflow.threads)
+        with multiprocessing.get_context().Pool(workers, initializer=worker_initializer) as pool:
             metas = list(tqdm(pool.imap(_write_image, jobs, chunksize=8), **bar))
     else:
         metas = [_write_image(job) for job in tqdm(jobs, **bar)]
