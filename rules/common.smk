@@ -80,6 +80,13 @@ def classifier_params(wildcards):
     return params
 
 
+def crf_sweep(wildcards):
+    """The seed threshold sweep of a run whose CRF takes its background from it (crf.from_seeds)."""
+    if EXPERIMENT_CFG[wildcards.experiment]["crf"]["from_seeds"]:
+        return f"{RESULTS}/{wildcards.experiment}/seeds/threshold_sweep.csv"
+    return []
+
+
 #: mask folder under a run -> (kind recorded in metrics.csv, scatter name of its shards)
 MASK_KINDS = {"crf": ("crf", "crf"), "irn/ir_labels": ("ir_labels", "irn"), "irn/masks": ("irn", "irn"),
               "affinitynet/masks": ("affinitynet", "affinitynet")}

@@ -11,6 +11,8 @@ scattergather:
 rule crf_shard:
     input:
         cams=gather.cams(f"{RESULTS}/{{{{experiment}}}}/cams/shard-{{scatteritem}}.h5"),
+        # the seed threshold sweep, only with crf.from_seeds (the chosen threshold sets the background)
+        sweep=crf_sweep,
     output:
         marker=f"{RESULTS}/{{experiment}}/crf/shard-{{scatteritem}}.json",
     params:

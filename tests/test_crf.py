@@ -14,8 +14,10 @@ from wsss.io import DataError, read_label_png, voc_palette, write_label_png
 from wsss.metrics import ConfusionMatrix
 from wsss.refine import crf as crfmod
 from wsss.refine.crf import (
+    alpha_for_threshold,
     crf_inference_label,
     crf_masks_shard,
+    crf_params_for_seeds,
     crf_seed_threshold,
     crf_settings,
     crf_with_alpha,
@@ -196,6 +198,33 @@ def test_crf_settings_defaults_and_errors():
         crf_settings({"iterations": 2.5})
     with pytest.raises(ValueError, match="crf.bi_sxy"):
         crf_settings({"bi_sxy": 0})
+
+
+def test_alpha_for_threshold_puts_the_crossing_at_the_seed_threshold():
+    for t in (0.05, 0.2, 0.3, 0.55, 0.9):
+        a = alpha_for_threshold(t)
+        assert (1 - t) ** a == pytest.approx(t, rel=1e-12)
+        # above t the CAM wins over the background score, below it loses (as the seeds at t)
+        assert (1 - (t + 0.01)) ** a < t + 0.01 and (1 - (t - 0.01)) ** a > t - 0.01
+    assert alpha_for_threshold(0.2) == pytest.approx(7.2126, abs=1e-4)
+    assert alpha_for_threshold(0.55) == pytest.approx(0.7487, abs=1e-4)
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="seed threshold in \\(0, 1\\)"):
+            alpha_for_threshold(bad)
+
+
+def test_crf_from_seeds_is_resolved_or_refused():
+    p = crf_params_for_seeds({"mode": "alpha", "alpha": 9, "from_seeds": True}, 0.3)
+    assert p["alpha"] == pytest.approx(math.log(0.3) / math.log(0.7)) and p["from_seeds"] is False
+    assert crf_settings(p)["alpha"] == pytest.approx(p["alpha"])
+    q = crf_params_for_seeds({"mode": "threshold", "from_seeds": True}, 0.35)
+    assert q["bg_threshold"] == 0.35 and crf_settings(q)["bg_threshold"] == 0.35
+    assert crf_params_for_seeds({"alpha": 4}, 0.3) == {"alpha": 4}  # no from_seeds: unchanged
+    with pytest.raises(ValueError, match="no seed threshold"):
+        crf_params_for_seeds({"from_seeds": True}, None)
+    # unresolved, the stage would silently use the fixed alpha: refused
+    with pytest.raises(ValueError, match="crf.from_seeds is set"):
+        crf_settings({"from_seeds": True})
 
 
 # ------------------------------------------------------------------ stage + evaluation

@@ -289,13 +289,26 @@ def crf_shard(
     num_shards: int,
     threads: int = 1,
     progress: bool = True,
+    sweep_csv: Optional[str] = None,
 ) -> Path:
-    """CRF masks of one shard of the CAM images (wsss.refine.crf), resumable."""
-    from .refine.crf import crf_masks_shard
+    """CRF masks of one shard of the CAM images (wsss.refine.crf), resumable. ``sweep_csv``: the
+    seed threshold sweep, read when ``crf.from_seeds`` is set (the chosen threshold sets the CRF's
+    background, and is recorded in the marker)."""
+    from .refine.crf import crf_masks_shard, crf_params_for_seeds
+    from .seeds import chosen_threshold
 
-    with CamShardJob(cfg, stage_params(cfg, "crf"), "crf", cam_paths, marker, shard_index, num_shards) as job:
+    resolved = stage_params(cfg, "crf")
+    params, inputs = cfg["crf"], []
+    if cfg["crf"]["from_seeds"]:
+        if not sweep_csv:
+            raise ValueError("crf.from_seeds is set but the CRF job was given no seed threshold sweep")
+        t = chosen_threshold(sweep_csv)
+        params = crf_params_for_seeds(params, t)
+        resolved, inputs = dict(resolved, seed_threshold=t), [sweep_csv]
+        log.info("CRF background from the chosen seed threshold %.3g: %s", t, params)
+    with CamShardJob(cfg, resolved, "crf", cam_paths, marker, shard_index, num_shards, inputs=inputs) as job:
         stats = crf_masks_shard(
-            job.ds, job.store, job.ids, job.out_dir, cfg["crf"], progress=progress, workers=threads, journal=job.journal
+            job.ds, job.store, job.ids, job.out_dir, params, progress=progress, workers=threads, journal=job.journal
         )
     log.info("CRF shard %d/%d: %s", shard_index + 1, num_shards, stats)
     return Path(marker)

@@ -14,4 +14,5 @@ with logged(snakemake):
         count,
         threads=snakemake.threads,
         progress=False,
+        sweep_csv=snakemake.input.sweep or None,
     )

@@ -35,6 +35,7 @@ parameter checks work without it (the ``data`` conda env, where ``eval_masks`` r
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from pathlib import Path
@@ -55,6 +56,8 @@ __all__ = [
     "crf_seed_threshold",
     "deeplab_crf",
     "crf_settings",
+    "alpha_for_threshold",
+    "crf_params_for_seeds",
     "crf_mask",
     "mask_path",
     "crf_masks_shard",
@@ -342,6 +345,35 @@ WORKFLOW_KEYS = ("shards",)
 MODES = ("alpha", "threshold")
 
 
+def alpha_for_threshold(t: float) -> float:
+    """The alpha at which the PSA CRF's background score ``(1 - m) ** alpha`` equals the CAM score
+    ``m`` exactly at ``m = t``: ``ln t / ln(1 - t)`` (t = 0.2 gives 7.2, 0.55 gives 0.75). Pixels
+    whose CAM is above ``t`` then start with a foreground unary above the background's, as the
+    seeds at threshold ``t`` have them."""
+    t = float(t)
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"a seed threshold in (0, 1) is needed for the CRF's alpha, got {t!r}")
+    return math.log(t) / math.log(1.0 - t)
+
+
+def crf_params_for_seeds(params: Mapping[str, Any], threshold: Optional[float]) -> Dict[str, Any]:
+    """The ``crf`` section with ``from_seeds: true`` resolved against the seed threshold chosen on
+    the sweep: ``alpha`` mode gets :func:`alpha_for_threshold`, ``threshold`` mode gets
+    ``bg_threshold = threshold``; ``from_seeds`` is then false. Sections without ``from_seeds``
+    are returned as they are (``threshold`` unused)."""
+    out = dict(params or {})
+    if not out.get("from_seeds"):
+        return out
+    if threshold is None:
+        raise ValueError("crf.from_seeds is set but no seed threshold was given (seeds/threshold_sweep.csv)")
+    if out.get("mode", "alpha") == "alpha":
+        out["alpha"] = alpha_for_threshold(threshold)
+    else:
+        out["bg_threshold"] = float(threshold)
+    out["from_seeds"] = False
+    return out
+
+
 def crf_settings(params: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     """The ``crf`` config section as :func:`crf_mask` takes it: checked against the config schema
     with missing keys at the schema's defaults (:func:`wsss.config.validate_section`; a bad or
@@ -351,6 +383,11 @@ def crf_settings(params: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     from ..config import validate_section
 
     out = validate_section("crf", params)
+    if out.pop("from_seeds"):
+        raise ValueError(
+            "crf.from_seeds is set: resolve alpha / bg_threshold from the chosen seed threshold first "
+            "(wsss.refine.crf.crf_params_for_seeds)"
+        )
     for k in WORKFLOW_KEYS:
         out.pop(k, None)
     flavour = PSA_PAIRWISE if out["mode"] == "alpha" else IRN_PAIRWISE
