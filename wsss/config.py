@@ -85,6 +85,10 @@ def validate_config(config: Mapping[str, Any], extra_checks: bool = True) -> Dic
     if not isinstance(config, Mapping):
         raise ConfigError(f"the config must be a mapping, got {type(config).__name__}")
     cfg = copy.deepcopy(dict(config))
+    # an experiment set to null is dropped, so that a later config file can remove one of an
+    # earlier file's (configs/papers/*.yaml remove config.yaml's baseline: `baseline: null`)
+    if isinstance(cfg.get("experiments"), Mapping):
+        cfg["experiments"] = {k: v for k, v in cfg["experiments"].items() if v is not None}
     problems = [
         (
             _key_path(path),
@@ -535,10 +539,12 @@ def run_config(cfg: Mapping[str, Any], run: str, extra_checks: bool = True) -> D
     out["irn"]["train"] = dict(out["irn"]["train"], seed=seed)
     out["affinitynet"]["train"] = dict(out["affinitynet"]["train"], seed=seed)
     out["deeplab"]["seed"] = seed
+    # placeholders in string method options (a SMAF teacher_path names another run's model.pt):
+    # {seed} = this run's seed, {dataset} = the results folder's dataset tag (results/{dataset}/)
     opts = out["classifier"]["method_options"]
     for k, v in list(opts.items()):
-        if isinstance(v, str) and "{seed}" in v:
-            opts[k] = v.replace("{seed}", str(seed))
+        if isinstance(v, str) and ("{seed}" in v or "{dataset}" in v):
+            opts[k] = v.replace("{seed}", str(seed)).replace("{dataset}", dataset_tag(out))
     out["seeds"] = [seed]
     return out
 

@@ -1,6 +1,6 @@
 """The fully supervised segmentation stage trained on pseudo-masks (DeepLab; docs/deeplab.md).
 
-Modules: :mod:`.models` (``SEG_MODELS``: ``deeplabv2``, ``deeplabv3plus``), :mod:`.data`
+Modules: :mod:`.models` (``SEG_MODELS``: ``deeplabv2``, ``deeplabv1``, ``deeplabv3plus``), :mod:`.data`
 (training pairs, confidence masks, augmentation), :mod:`.train` (the network as a
 :class:`wsss.methods.base.Method` for :func:`wsss.engine.train`), :mod:`.evaluate` (multi-scale
 inference, CRF, prediction PNGs), :mod:`.scoring` (metrics of the prediction PNGs; no torch),

@@ -1,6 +1,6 @@
 """Segmentation networks of the fully supervised stage (trained on pseudo-masks).
 
-Two networks, registered in :data:`SEG_MODELS` and built with :func:`build_seg_model`:
+Three networks, registered in :data:`SEG_MODELS` and built with :func:`build_seg_model`:
 
 * ``deeplabv2`` - the DeepLab-v2 network of the KTSE/BECO segmentation stage
   (``KTSE:segmentation/networks/deeplabv2.py``): a dilated ResNet with output stride 8 (default
@@ -19,7 +19,15 @@ Two networks, registered in :data:`SEG_MODELS` and built with :func:`build_seg_m
   single value per channel, so BN in training mode fails for batch 1 and is a per-batch constant
   otherwise); its 1x1 conv has a bias instead.
 
-Both return ``{"out": logits}`` (``B x num_classes x H x W``, the input size), like torchvision's
+* ``deeplabv1`` - the "DeepLab-LargeFOV" (DeepLab-v1) network of SEAM's segmentation stage as HFPL
+  runs it (``arvijj/hfpl``: ``lib/net/deeplabv1.py``, ``voc12/config_voc2012.py``; the same code
+  base as ``YudeWang/SEAM``), which AEFT and ACR also name for their ResNet-38 segmentation: a
+  backbone of output stride 8 (default ``resnet38``) and the head ``conv 3x3, dilation = padding
+  = 12, C_in -> 512`` (no bias) + BN + ReLU, ``conv 1x1 512 -> 512`` (no bias) + BN + ReLU,
+  dropout 0.5, ``conv 1x1 512 -> num_classes`` (with bias); head convs Kaiming-normal (fan_out),
+  BN weight 1 / bias 0. The logits are upsampled bilinearly with ``align_corners=True`` (SEAM).
+
+All return ``{"out": logits}`` (``B x num_classes x H x W``, the input size), like torchvision's
 segmentation models. ImageNet initialisation goes through the classifier's ``pretrained`` options
 (``'imagenet'``, ``'imagenet_v2'`` = the ``resnet101-cd907fc2.pth`` file BECO uses, ``'none'``, or a
 path). BN: BECO trains plain (unsynchronised) BatchNorm, so ``freeze_bn`` defaults to False; set it
@@ -77,9 +85,12 @@ class SegModel(nn.Module):
         """Logits at the network's own resolution (before the final upsampling)."""
         raise NotImplementedError
 
+    #: ``align_corners`` of the final upsampling (False: BECO/torchvision; True: SEAM's DeepLab-v1).
+    align_corners: bool = False
+
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         logits = self.pre_logits(x)
-        return {"out": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+        return {"out": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,6 +130,59 @@ class DeepLabV2(SegModel):
     ):
         super().__init__(backbone, num_classes)
         self.head = ASPPv2(backbone.out_channels, num_classes, rates, init_std)
+
+    def head_modules(self) -> List[nn.Module]:
+        return [self.head]
+
+    def pre_logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepLab-v1 (LargeFOV), SEAM's variant
+# ----------------------------------------------------------------------------------------------
+
+#: SEAM / HFPL DeepLab-v1 head: field-of-view conv dilation and width.
+DEEPLABV1_DILATION = 12
+DEEPLABV1_CHANNELS = 512
+
+
+class DeepLabV1(SegModel):
+    """Backbone + SEAM's LargeFOV head (3x3 dilated conv, 1x1 conv, each with BN + ReLU, dropout,
+    1x1 classifier)."""
+
+    name = "deeplabv1"
+    align_corners = True
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        channels: int = DEEPLABV1_CHANNELS,
+        dilation: int = DEEPLABV1_DILATION,
+        dropout: float = 0.5,
+    ):
+        super().__init__(backbone, num_classes)
+        if int(channels) < 1 or int(dilation) < 1 or not 0 <= float(dropout) < 1:
+            raise ValueError(
+                f"deeplabv1: channels and dilation must be >= 1 and dropout in [0, 1), "
+                f"got channels={channels!r}, dilation={dilation!r}, dropout={dropout!r}"
+            )
+        self.dilation = int(dilation)
+        self.head = nn.Sequential(
+            _conv_bn_relu(backbone.out_channels, int(channels), 3, self.dilation),
+            _conv_bn_relu(int(channels), int(channels), 1),
+            nn.Dropout(float(dropout)),
+            nn.Conv2d(int(channels), num_classes, 1, bias=True),
+        )
+        for mod in self.head.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.BatchNorm2d):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
 
     def head_modules(self) -> List[nn.Module]:
         return [self.head]
@@ -255,6 +319,26 @@ def deeplabv2(
     return DeepLabV2(bb, num_classes, rates=rates, init_std=init_std)
 
 
+@SEG_MODELS.register("deeplabv1")
+def deeplabv1(
+    num_classes: int,
+    backbone: str = "resnet38",
+    pretrained: str = "none",
+    freeze_bn: bool = False,
+    channels: int = DEEPLABV1_CHANNELS,
+    dilation: int = DEEPLABV1_DILATION,
+    dropout: float = 0.5,
+) -> DeepLabV1:
+    """DeepLab-v1 LargeFOV (SEAM/HFPL): output-stride-8 backbone (ResNet-38) + 3x3 dil-12 / 1x1 head."""
+    bb = _backbone(backbone, pretrained, freeze_bn)
+    if bb.output_stride != 8:
+        raise ValueError(
+            f"deeplabv1 needs an output-stride-8 backbone (e.g. resnet38, resnet18_os8); "
+            f"{backbone!r} has output stride {bb.output_stride}"
+        )
+    return DeepLabV1(bb, num_classes, channels=channels, dilation=dilation, dropout=dropout)
+
+
 @SEG_MODELS.register("deeplabv3plus")
 def deeplabv3plus(
     num_classes: int,
@@ -312,6 +396,7 @@ def list_seg_models() -> List[str]:
 __all__ = [
     "SEG_MODELS",
     "SegModel",
+    "DeepLabV1",
     "DeepLabV2",
     "DeepLabV3Plus",
     "ASPPv2",
