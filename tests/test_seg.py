@@ -128,7 +128,7 @@ def test_deeplabv2_head_is_summed_aspp():
 
 
 def test_model_options_and_errors():
-    assert SEG_MODELS.names() == ["deeplabv2", "deeplabv3plus"]
+    assert SEG_MODELS.names() == ["deeplabv1", "deeplabv2", "deeplabv3plus"]
     assert build_seg_model("deeplabv3plus", 3, backbone="resnet18").rates == (6, 12, 18)
     assert build_seg_model("deeplabv3plus", 3, backbone="resnet18_os8").rates == (12, 24, 36)
     with pytest.raises(ValueError, match="output-stride-8"):
