@@ -175,14 +175,7 @@ class DeepLabV1(SegModel):
             nn.Dropout(float(dropout)),
             nn.Conv2d(int(channels), num_classes, 1, bias=True),
         )
-        for mod in self.head.modules():
-            if isinstance(mod, nn.Conv2d):
-                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.BatchNorm2d):
-                nn.init.ones_(mod.weight)
-                nn.init.zeros_(mod.bias)
+        init_head(self.head_modules())
 
     def head_modules(self) -> List[nn.Module]:
         return [self.head]
@@ -194,6 +187,20 @@ class DeepLabV1(SegModel):
 # ----------------------------------------------------------------------------------------------
 # DeepLab-v3+
 # ----------------------------------------------------------------------------------------------
+
+
+def init_head(modules: Sequence[nn.Module]) -> None:
+    """Kaiming (fan-out) convolutions with zero bias and unit BatchNorm in every module of
+    ``modules`` (the heads of DeepLab-v1 and DeepLab-v3+)."""
+    for m in modules:
+        for mod in m.modules():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.BatchNorm2d):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
 
 
 def _conv_bn_relu(cin: int, cout: int, k: int, dilation: int = 1) -> nn.Sequential:
@@ -261,15 +268,7 @@ class DeepLabV3Plus(SegModel):
             _conv_bn_relu(decoder_channels, decoder_channels, 3),
         )
         self.classifier = nn.Conv2d(decoder_channels, num_classes, 1)
-        for m in self.head_modules():
-            for mod in m.modules():
-                if isinstance(mod, nn.Conv2d):
-                    nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
-                    if mod.bias is not None:
-                        nn.init.zeros_(mod.bias)
-                elif isinstance(mod, nn.BatchNorm2d):
-                    nn.init.ones_(mod.weight)
-                    nn.init.zeros_(mod.bias)
+        init_head(self.head_modules())
 
     def head_modules(self) -> List[nn.Module]:
         return [self.aspp, self.reduce, self.decoder, self.classifier]
