@@ -93,7 +93,8 @@ rule irn_masks_shard:
         f"{LOGS}/{{experiment}}/irn_masks_shard-{{scatteritem}}.log",
     benchmark:
         f"{RESULTS}/{{experiment}}/benchmarks/irn_masks_shard-{{scatteritem}}.tsv"
-    # the random walk computes with one thread (bench/threads.py: 2 threads ran it ~10x slower)
+    # the random walk computes with one thread (bench/threads.py: two 2-thread walks at once took 3x as
+    # long as two 1-thread walks, and a second thread does not speed up a walk alone)
     threads: 1
     resources:
         mem_mb=res.mem_mb(4000),
@@ -169,7 +170,8 @@ rule affinitynet_masks_shard:
         f"{LOGS}/{{experiment}}/affinitynet_masks_shard-{{scatteritem}}.log",
     benchmark:
         f"{RESULTS}/{{experiment}}/benchmarks/affinitynet_masks_shard-{{scatteritem}}.tsv"
-    # the random walk computes with one thread (bench/threads.py: 2 threads ran it ~10x slower)
+    # the random walk computes with one thread (bench/threads.py: two 2-thread walks at once took 3x as
+    # long as two 1-thread walks, and a second thread does not speed up a walk alone)
     threads: 1
     resources:
         mem_mb=res.mem_mb(4000),
