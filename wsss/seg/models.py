@@ -299,6 +299,16 @@ def _backbone(name: str, pretrained: Optional[str], freeze_bn: bool) -> Backbone
     return build_backbone(name, pretrained=pretrained or "none", freeze_bn=freeze_bn, trainable_from=None)
 
 
+def _os8_backbone(model: str, name: str, pretrained: Optional[str], freeze_bn: bool, examples: str) -> Backbone:
+    """:func:`_backbone`, refused (naming ``model`` and ``examples``) unless its output stride is 8."""
+    bb = _backbone(name, pretrained, freeze_bn)
+    if bb.output_stride != 8:
+        raise ValueError(
+            f"{model} needs an output-stride-8 backbone (e.g. {examples}); {name!r} has output stride {bb.output_stride}"
+        )
+    return bb
+
+
 @SEG_MODELS.register("deeplabv2")
 def deeplabv2(
     num_classes: int,
@@ -309,12 +319,7 @@ def deeplabv2(
     init_std: float = 0.01,
 ) -> DeepLabV2:
     """DeepLab-v2 (BECO/KTSE): dilated ResNet (output stride 8) + summed ASPP 6/12/18/24."""
-    bb = _backbone(backbone, pretrained, freeze_bn)
-    if bb.output_stride != 8:
-        raise ValueError(
-            f"deeplabv2 needs an output-stride-8 backbone (e.g. resnet101_os8, resnet18_os8); "
-            f"{backbone!r} has output stride {bb.output_stride}"
-        )
+    bb = _os8_backbone("deeplabv2", backbone, pretrained, freeze_bn, "resnet101_os8, resnet18_os8")
     return DeepLabV2(bb, num_classes, rates=rates, init_std=init_std)
 
 
@@ -329,12 +334,7 @@ def deeplabv1(
     dropout: float = 0.5,
 ) -> DeepLabV1:
     """DeepLab-v1 LargeFOV (SEAM/HFPL): output-stride-8 backbone (ResNet-38) + 3x3 dil-12 / 1x1 head."""
-    bb = _backbone(backbone, pretrained, freeze_bn)
-    if bb.output_stride != 8:
-        raise ValueError(
-            f"deeplabv1 needs an output-stride-8 backbone (e.g. resnet38, resnet18_os8); "
-            f"{backbone!r} has output stride {bb.output_stride}"
-        )
+    bb = _os8_backbone("deeplabv1", backbone, pretrained, freeze_bn, "resnet38, resnet18_os8")
     return DeepLabV1(bb, num_classes, channels=channels, dilation=dilation, dropout=dropout)
 
 
