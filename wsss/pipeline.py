@@ -297,13 +297,10 @@ def crf_shard(
     from .refine.crf import crf_masks_shard, crf_params_for_seeds
     from .seeds import chosen_threshold
 
-    resolved = stage_params(cfg, "crf")
-    params, inputs = cfg["crf"], []
-    if cfg["crf"]["from_seeds"]:
-        if not sweep_csv:
-            raise ValueError("crf.from_seeds is set but the CRF job was given no seed threshold sweep")
-        t = chosen_threshold(sweep_csv)
-        params = crf_params_for_seeds(params, t)
+    resolved, inputs = stage_params(cfg, "crf"), []
+    t = chosen_threshold(sweep_csv) if cfg["crf"]["from_seeds"] and sweep_csv else None
+    params = crf_params_for_seeds(cfg["crf"], t)  # refuses from_seeds without a threshold
+    if t is not None:
         resolved, inputs = dict(resolved, seed_threshold=t), [sweep_csv]
         log.info("CRF background from the chosen seed threshold %.3g: %s", t, params)
     with CamShardJob(cfg, resolved, "crf", cam_paths, marker, shard_index, num_shards, inputs=inputs) as job:
