@@ -16,6 +16,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/pretrain.smk"
 include: "rules/classifier.smk"
 include: "rules/cam.smk"
 include: "rules/refine.smk"

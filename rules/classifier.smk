@@ -6,6 +6,7 @@ rule train_classifier:
         ready=dataset_ready(),
         labels=f"{RESULTS}/labels.csv",
         init=classifier_inputs,
+        pretrained=pretrained_weights("classifier"),
     output:
         model=f"{RESULTS}/{{experiment}}/classifier/model.pt",
         log_csv=report(

@@ -19,6 +19,7 @@ from wsss.config import (
     stage_config,
     validate_config,
 )
+from wsss.pretrain import weights_inputs
 from wsss.workflow import config_check as wcheck
 from wsss.workflow import paths as wpaths
 from wsss.workflow import stages as wstages
@@ -68,6 +69,18 @@ def classifier_inputs(wildcards):
     """Other experiments' model files this experiment's training starts from (SMAF, ACR) and the
     saliency maps of the methods trained on them (EPS)."""
     return CHECKED["classifier_inputs"][wildcards.experiment]
+
+
+def pretrained_weights(section, sub=None):
+    """An input function: the formula-driven weights file (rule pretrain) when the stage's
+    ``pretrained`` is ``procedural``, so the DAG makes it first; else nothing."""
+
+    def inputs(wildcards):
+        cfg = EXPERIMENT_CFG[wildcards.experiment][section]
+        cfg = cfg[sub] if sub else cfg
+        return weights_inputs(cfg["pretrained"], cfg["backbone"])
+
+    return inputs
 
 
 def classifier_params(wildcards):

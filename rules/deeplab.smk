@@ -30,6 +30,7 @@ rule train_deeplab:
     input:
         masks=deeplab_mask_markers,
         confidence=deeplab_confidence_markers,
+        pretrained=pretrained_weights("deeplab"),
     output:
         model=f"{RESULTS}/{{experiment}}/deeplab/model.pt",
         log_csv=report(

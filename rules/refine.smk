@@ -60,6 +60,7 @@ rule train_irn:
     input:
         labels=gather.irn(f"{RESULTS}/{{{{experiment}}}}/irn/ir_labels/shard-{{scatteritem}}.json"),
         classifier=f"{RESULTS}/{{experiment}}/classifier/model.pt",
+        pretrained=pretrained_weights("irn", "train"),
     output:
         model=f"{RESULTS}/{{experiment}}/irn/model.pt",
     params:
@@ -138,6 +139,7 @@ rule train_affinitynet:
     input:
         labels=gather.affinitynet(f"{RESULTS}/{{{{experiment}}}}/affinitynet/labels/shard-{{scatteritem}}.json"),
         classifier=f"{RESULTS}/{{experiment}}/classifier/model.pt",
+        pretrained=pretrained_weights("affinitynet", "train"),
     output:
         model=f"{RESULTS}/{{experiment}}/affinitynet/model.pt",
     params:

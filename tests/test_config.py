@@ -156,7 +156,7 @@ def test_runs_per_seed():
         # pretrained weights: names, their backbones and paths
         (
             {"classifier": {"pretrained": "imagnet"}},
-            r"config key 'classifier.pretrained': 'imagnet' is neither one of none, imagenet, imagenet_v2 nor an existing file",
+            r"config key 'classifier.pretrained': 'imagnet' is neither one of none, imagenet, imagenet_v2, procedural nor an existing file",
         ),
         ({"deeplab": {"pretrained": "imagenet_v2"}}, r"config key 'deeplab.pretrained': .*imagenet_v2.*'resnet18_os8'"),
         (
@@ -171,7 +171,7 @@ def test_runs_per_seed():
         ),
         (
             {"irn": {"train": {"backbone": "resnet18", "pretrained": "classifer"}}},
-            r"config key 'irn.train.pretrained': 'classifer' is neither one of none, imagenet, imagenet_v2, classifier",
+            r"config key 'irn.train.pretrained': 'classifer' is neither one of none, imagenet, imagenet_v2, procedural, classifier",
         ),
         ({"deeplab": {"pretrained": "classifier"}}, r"config key 'deeplab.pretrained': 'classifier' is neither"),
         (

@@ -281,7 +281,7 @@ def _check_names(cfg: Dict[str, Any]) -> None:
 # through their merged config)
 
 #: Pretrained-weight names every backbone section accepts besides a path to a state_dict file.
-PRETRAINED_NAMES = ("none", "imagenet", "imagenet_v2")
+PRETRAINED_NAMES = ("none", "imagenet", "imagenet_v2", "procedural")
 
 
 def _option_names(fn, skip: Iterable[str]) -> Optional[List[str]]:
@@ -333,12 +333,14 @@ def _backbone_summary(name: str, options_json: str) -> Dict[str, Any]:
 def _check_pretrained(key: str, spec: Any, backbone: str, also: tuple = ()) -> None:
     """``spec`` is ``none``, an ImageNet weights name that exists for ``backbone``, one of ``also``,
     or an existing file (a typo such as 'imagnet' used to fail in the job as a missing path)."""
-    if spec == "none" or spec in also:
-        return
     from .models import weights
+    from .pretrain import PROCEDURAL_SPEC, base_arch
+
+    if spec in ("none", PROCEDURAL_SPEC) or spec in also:
+        return  # the workflow makes the procedural weights before the job that reads them
 
     if spec in weights.IMAGENET_SPECS:
-        base = backbone[: -len("_os8")] if backbone.endswith("_os8") else backbone
+        base = base_arch(backbone)
         if base not in weights.TORCHVISION_WEIGHTS:
             raise ConfigError(
                 f"config key '{key}': no downloadable ImageNet weights for backbone {backbone!r} (torchvision weights exist "

@@ -12,6 +12,10 @@
   torch's hub cache (``torch.hub.get_dir()``/checkpoints). ResNet-38 has no downloadable
   weights: its ImageNet weights are converted from the MXNet file (``docs/resnet38_weights.md``)
   and given as a path;
+* ``"procedural"``: the formula-driven pretraining of the workflow's ``pretrain`` stage
+  (:mod:`wsss.pretrain`; docs/pretrain.md), the file :func:`wsss.pretrain.weights_path` names (an
+  ``_os8`` backbone loads its base network's file). The workflow makes it before any job that
+  reads it; outside the workflow a missing file raises, saying how to make it;
 * a path to a file written by ``torch.save``: a raw state_dict, or a dict holding one under
   ``"state_dict"`` or ``"model"``. ``module.`` prefixes (DataParallel) are stripped; if no key
   matches, a ``backbone.`` prefix is stripped too. Classifier keys (``fc.*``) are ignored. Keys
@@ -29,6 +33,8 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
+
+from ..pretrain import PROCEDURAL_SPEC, base_arch, weights_path
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +77,14 @@ def load_pretrained(module: nn.Module, spec: Union[str, os.PathLike, None], arch
         return None
     if isinstance(spec, str) and spec in IMAGENET_SPECS:
         state, source = _torchvision_imagenet(arch, IMAGENET_SPECS[spec])
+    elif spec == PROCEDURAL_SPEC:
+        path = weights_path(arch)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"the formula-driven weights of {arch!r} (pretrained: procedural) are not there: {path}; "
+                f"the workflow makes them (snakemake --cores all {path})"
+            )
+        state, source = read_state_dict(path), f"procedural {path}"
     else:
         path = Path(spec).expanduser()
         state, source = read_state_dict(path), str(path)
@@ -78,7 +92,7 @@ def load_pretrained(module: nn.Module, spec: Union[str, os.PathLike, None], arch
 
 
 def _torchvision_imagenet(arch: str, tag: str) -> "tuple[Dict[str, torch.Tensor], str]":
-    base = arch[: -len("_os8")] if arch.endswith("_os8") else arch
+    base = base_arch(arch)
     if base == "resnet38":
         raise PretrainedWeightsError(
             "ResNet-38 ImageNet weights cannot be downloaded: they exist only as the MXNet file "

@@ -550,7 +550,9 @@ def irn_pseudo_label(
     if len(keys) == 0:
         return np.zeros((h, w), np.uint8), np.full((1, h, w), p.bg_thresh, np.float32)
     edge = boundary_map(method, img, p.pad_to, device)
-    rw = random_walk(torch.from_numpy(cam).to(edge.device), edge, p.radius, p.beta, p.exp_times, method=p.walk)
+    rw = random_walk(
+        torch.from_numpy(cam).to(edge.device), edge, p.radius, p.beta, p.steps_exponent(strided), method=p.walk
+    )
     return sem_seg_from_walk(rw, keys, (h, w), p.bg_thresh)
 
 

@@ -9,6 +9,7 @@ from :mod:`wsss.refine.irn` (the network and the stages) so that it imports no t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
@@ -86,7 +87,18 @@ class IRNInferParams(_Params):
     radius: int
     beta: float
     exp_times: int
+    walk_size: Optional[int]
     bg_thresh: float
     pad_to: int
     walk: str
     confidence_ratio: float
+
+    def steps_exponent(self, map_size: Tuple[int, int]) -> int:
+        """The walk's ``exp_times`` for a stride-4 map of ``map_size`` (h, w): ``exp_times`` itself
+        (``walk_size`` null, IRN), else ``round(exp_times + 2 log2(max(h, w) / walk_size))``, at
+        least 0. A walk of ``2^e`` steps spreads a score over a distance that grows like
+        ``radius * 2^(e/2)``; scaling ``2^e`` with the squared map size keeps that reach the same
+        fraction of the image as at IRN's ``walk_size`` (125 = VOC's 500-pixel long side / 4)."""
+        if self.walk_size is None:
+            return int(self.exp_times)
+        return max(0, int(round(self.exp_times + 2.0 * math.log2(max(map_size) / float(self.walk_size)))))

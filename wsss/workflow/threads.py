@@ -48,6 +48,7 @@ RULE_KINDS: Dict[str, str] = {
     "dataset_stats": "serial",
     "voc_train_aug_list": "serial",
     "coco_masks": "serial",
+    "pretrain": "torch",
     "train_classifier": "torch",
     "cam_shard": "torch",
     "seed_eval": "serial",
