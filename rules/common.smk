@@ -14,6 +14,7 @@ from wsss.config import (
     ConfigError,
     dataset_root,
     dataset_tag,
+    fully_supervised_experiment,
     run_config,
     run_names,
     stage_config,

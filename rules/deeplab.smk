@@ -122,7 +122,7 @@ rule summary_table:
         experiments=EXPERIMENTS,
         # results/<tag>: two levels above tables/summary.csv
         results=lambda w, output: os.path.dirname(os.path.dirname(output.csv)),
-        fully_supervised=CFG["tables"]["fully_supervised"],
+        fully_supervised=fully_supervised_experiment(CFG),
     log:
         f"{LOGS}/summary_table.log",
     threads: 1

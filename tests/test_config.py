@@ -33,7 +33,8 @@ def test_defaults_filled():
     assert cfg["dataset"]["name"] == "synthetic"
     assert cfg["cam"]["scales"] == [1.0, 0.5, 1.5, 2.0]
     assert cfg["classifier"]["momentum_mode"] == "reference"
-    assert cfg["experiments"] == {"baseline": {}}
+    assert cfg["experiments"] == {"baseline": {}, "upper_bound": {"deeplab": {"pseudo_masks": "gt"}}}
+    assert cfg["tables"]["fully_supervised"] == "auto"
 
 
 @pytest.mark.parametrize(
@@ -280,15 +281,19 @@ def test_inverted_or_invalid_ranges_are_refused(raw, match):
 
 
 def test_example_configs_validate():
-    """config.yaml, configs/*.yaml and tests/configs/*.yaml (with every experiment and run) pass."""
+    """config.yaml, and configs/*.yaml and tests/configs/*.yaml on top of it as the Snakefile reads
+    them (with every experiment and run), pass."""
+    from wsss.config import deep_merge
+
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
     files = [
-        REPO / "config.yaml",
         *sorted((REPO / "configs").glob("*.yaml")),
         *sorted((REPO / "tests" / "configs").glob("*.yaml")),
     ]
     assert len(files) >= 5
+    load_config_file(REPO / "config.yaml")
     for f in files:
-        cfg = load_config_file(f)
+        cfg = validate_config(deep_merge(base, yaml.safe_load(f.read_text())))
         for run in run_names(cfg):
             run_config(cfg, run)
 
@@ -325,3 +330,28 @@ def test_schema_enums_match_the_code():
         ("augment", seg_params.AUGMENTS),
     ]:
         assert sorted(dl[key]["enum"]) == sorted(names), key
+
+
+def test_fully_supervised_experiment():
+    """tables.fully_supervised: auto finds the one ground-truth experiment; a name must be one."""
+    from wsss.config import fully_supervised_experiment
+
+    assert fully_supervised_experiment(validate_config({})) == "upper_bound"
+    assert fully_supervised_experiment(validate_config({"experiments": {"baseline": {}}})) is None
+    gt = {"deeplab": {"pseudo_masks": "gt"}}
+    named = validate_config({"experiments": {"full": gt}, "tables": {"fully_supervised": "full"}})
+    assert fully_supervised_experiment(named) == "full"
+    assert fully_supervised_experiment(validate_config({"tables": {"fully_supervised": None}})) is None
+    for raw, match in [
+        (
+            {"experiments": {"upper_bound": gt, "full": gt}},
+            r"auto finds several experiments trained on ground truth \(full, upper_bound\)",
+        ),
+        ({"tables": {"fully_supervised": "nope"}}, r"'nope' is not an experiment; experiments: baseline, upper_bound"),
+        (
+            {"tables": {"fully_supervised": "baseline"}},
+            r"experiment 'baseline' trains DeepLab on 'irn', not on ground truth",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            validate_config(raw)

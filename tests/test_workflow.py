@@ -53,7 +53,8 @@ def test_default_dag_dry_run(tmp_path):
     assert counts["synthetic_dataset"] == 1 and counts["dataset_stats"] == 1
     assert counts["train_classifier"] == 1 and counts["cam_shard"] == 2 and counts["seed_eval"] == 1
     assert counts["crf_shard"] == 2 and counts["ir_labels_shard"] == 2 and counts["train_irn"] == 1
-    assert counts["irn_masks_shard"] == 2 and counts["train_deeplab"] == 1 and counts["deeplab_predict_shard"] == 2
+    # baseline and the fully supervised reference (upper_bound: DeepLab on ground truth, no classifier)
+    assert counts["irn_masks_shard"] == 2 and counts["train_deeplab"] == 2 and counts["deeplab_predict_shard"] == 4
     assert counts["summary_table"] == 1
 
 

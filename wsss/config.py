@@ -99,7 +99,7 @@ def validate_config(config: Mapping[str, Any], extra_checks: bool = True) -> Dic
     errors = sorted(_validator().iter_errors(cfg), key=lambda e: list(map(str, e.absolute_path)))
     problems += [(_key_path(e.absolute_path), _format_error(e)) for e in errors]
     if not errors:
-        problems += _range_problems(cfg)
+        problems += _range_problems(cfg) + _tables_problems(cfg)
     if problems:
         problems.sort(key=lambda p: p[0])
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(msg for _, msg in problems))
@@ -119,6 +119,45 @@ def _non_finite(value: Any, path: List[Any]) -> Iterable[tuple]:
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             yield from _non_finite(v, path + [i])
+
+
+def _deeplab_target(cfg: Mapping[str, Any], experiment: str) -> str:
+    """``deeplab.pseudo_masks`` of ``experiment`` (its override, else the base section's)."""
+    return (cfg["experiments"][experiment].get("deeplab") or {}).get("pseudo_masks", cfg["deeplab"]["pseudo_masks"])
+
+
+def fully_supervised_experiment(cfg: Mapping[str, Any]) -> Optional[str]:
+    """The experiment ``tables.fully_supervised`` names (``auto``: the one whose DeepLab trains on
+    ground truth, ``None`` if there is none), or ``None``; raises :class:`ConfigError` for a name
+    that is not an experiment trained on ground truth, or ``auto`` with several."""
+    name = cfg["tables"]["fully_supervised"]
+    key = "tables.fully_supervised"
+    if name is None:
+        return None
+    if name == "auto":
+        gt = sorted(e for e in cfg["experiments"] if _deeplab_target(cfg, e) == "gt")
+        if len(gt) > 1:
+            raise ConfigError(
+                f"config key '{key}': auto finds several experiments trained on ground truth ({', '.join(gt)}); name one"
+            )
+        return gt[0] if gt else None
+    if name not in cfg["experiments"]:
+        raise ConfigError(
+            f"config key '{key}': {name!r} is not an experiment; experiments: {', '.join(sorted(cfg['experiments']))}"
+        )
+    if _deeplab_target(cfg, name) != "gt":
+        raise ConfigError(
+            f"config key '{key}': experiment {name!r} trains DeepLab on {_deeplab_target(cfg, name)!r}, not on ground truth (deeplab.pseudo_masks: gt)"
+        )
+    return name
+
+
+def _tables_problems(cfg: Mapping[str, Any]) -> List[tuple]:
+    try:
+        fully_supervised_experiment(cfg)
+    except ConfigError as e:
+        return [("tables.fully_supervised", str(e))]
+    return []
 
 
 #: Two-element ``[min, max]`` ranges of the schema (lower bounds of the items are in the schema).
@@ -246,12 +285,6 @@ def _check_names(cfg: Dict[str, Any]) -> None:
                     cls.from_mapping(c[sub])
                 except (TypeError, ValueError) as e:
                     raise ConfigError(f"config key '{where}.{sub}': {e}") from None
-
-    fs = cfg["tables"]["fully_supervised"]
-    if fs is not None and fs not in cfg["experiments"]:
-        raise ConfigError(
-            f"config key 'tables.fully_supervised': {fs!r} is not an experiment; configured: {sorted(cfg['experiments'])}"
-        )
 
     unknown = sorted(set(cfg["synthetic"]["overrides"]) - set(synthetic.PRESETS[cfg["synthetic"]["preset"]]))
     if unknown:
