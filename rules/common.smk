@@ -139,7 +139,8 @@ def experiment_targets(e):
     targets = [f"{RESULTS}/{e}/deeplab/metrics.csv"]
     targets += [f"{RESULTS}/{e}/deeplab/training_curves.png"]
     if EXPERIMENT_CFG[e]["deeplab"]["pseudo_masks"] != "gt":
-        targets += [f"{RESULTS}/{e}/classifier/training_curves.png", f"{RESULTS}/{e}/pseudo_mask_gallery.png",f"{RESULTS}/{e}/seeds/threshold_sweep.csv", f"{RESULTS}/{e}/seeds/gallery.png",
+        targets += [f"{RESULTS}/{e}/classifier/training_curves.png", f"{RESULTS}/{e}/pseudo_mask_gallery.png", f"{RESULTS}/{e}/irn/gallery.png",
+                    f"{RESULTS}/{e}/seeds/threshold_sweep.csv", f"{RESULTS}/{e}/seeds/gallery.png",
                     f"{RESULTS}/{e}/crf/metrics.csv", f"{RESULTS}/{e}/irn/ir_labels/metrics.csv",
                     f"{RESULTS}/{e}/irn/masks/metrics.csv"]
     if EXPERIMENT_CFG[e]["deeplab"]["pseudo_masks"] == "affinitynet":

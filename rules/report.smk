@@ -1,4 +1,5 @@
-# Figures for the report: training curves and a pseudo-mask gallery (seed / CRF / IRN / GT).
+# Figures for the report: training curves, a pseudo-mask gallery (seed / CRF / IRN / GT) and an IRN
+# gallery (boundary map, displacement field, mask).
 
 
 rule training_curves:
@@ -49,3 +50,29 @@ rule mask_gallery:
         "../envs/data.yaml"
     script:
         "scripts/mask_gallery.py"
+
+
+rule irn_gallery:
+    input:
+        model=f"{RESULTS}/{{experiment}}/irn/model.pt",
+        irn=gather.irn(f"{RESULTS}/{{{{experiment}}}}/irn/masks/shard-{{scatteritem}}.json"),
+    output:
+        png=report(
+            f"{RESULTS}/{{experiment}}/irn/gallery.png",
+            category="Pseudo-masks",
+            subcategory="{experiment}",
+            caption="../report/irn_gallery.rst",
+        ),
+    params:
+        cfg=stage_params("irn_infer"),
+    log:
+        f"{LOGS}/{{experiment}}/irn_gallery.log",
+    threads: 1
+    resources:
+        mem_mb=res.mem_mb(4000),
+        runtime=res.runtime(10),
+        gpu=1,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "scripts/irn_gallery.py"

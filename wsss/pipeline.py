@@ -613,6 +613,82 @@ def mask_gallery(
     gallery(rows, out_png, titles=["image", "ground truth", "seed", "CRF", "IRN"], row_labels=captions)
 
 
+def irn_displacement(method, img, pad_to: int = 512, device=None):
+    """The displacement field IRN's reference reads at inference (``EdgeDisplacement``:
+    ``dp_out[0]``, the unflipped image): the displacement branch of ``method`` in eval mode, mean
+    shift subtracted, on the uint8 ``img`` zero-padded as :func:`wsss.refine.irn.boundary_map` pads
+    it, cropped to ``ceil(H/4) × ceil(W/4)``. Returns a float tensor ``2 × h × w`` (``y, x``, in
+    stride-4 pixels) on the model's device."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from .data.transforms import normalize
+    from .refine.irn import STRIDE
+
+    device = device or next(method.parameters()).device
+    method.eval()
+    h, w = img.shape[:2]
+    x = torch.from_numpy(np.ascontiguousarray(normalize(np.asarray(img)).transpose(2, 0, 1)))[None].to(device)
+    os_ = method.backbone.output_stride
+    ph, pw = max(int(pad_to), -(-h // os_) * os_), max(int(pad_to), -(-w // os_) * os_)
+    with torch.no_grad():
+        _, disp = method(F.pad(x, (0, pw - w, 0, ph - h)))
+    return disp[0, :, : math.ceil(h / STRIDE), : math.ceil(w / STRIDE)].float()
+
+
+def irn_gallery(
+    cfg: Mapping[str, Any],
+    model_path: str,
+    irn_markers: Sequence[str],
+    out_png: str,
+    n_images: int = 6,
+    threads: int = 1,
+) -> None:
+    """Image | ground truth | IRN boundary map | IRN displacement field | IRN pseudo-mask for a few
+    images of the evaluation split (the images :func:`mask_gallery` shows). ``cfg``: the
+    ``irn_infer`` stage params (``irn.infer.pad_to`` pads the image as the mask jobs did); the
+    masks are the PNGs the IRN mask shards wrote (``irn_markers``)."""
+    import numpy as np
+
+    from .io import read_label_png
+    from .refine.irn import STRIDE, boundary_map, load_irn
+    from .refine.irn_params import IRNInferParams
+    from .viz import displacement_rgb, gallery, grey_rgb, overlay_labels, upsample_strided
+
+    ds = open_dataset(cfg)
+    mask_dir, _, skipped = read_shard_markers_full(irn_markers)
+    ids = stored_ids(ds.ids(cfg["dataset"]["eval_split"]), skipped)
+    pick = sorted(np.random.default_rng(0).choice(len(ids), size=min(n_images, len(ids)), replace=False))
+    pad_to = IRNInferParams.from_mapping(cfg["irn"]["infer"]).pad_to
+    device, _ = device_and_workers(threads)
+    method = load_irn(model_path, device)
+    rows, captions = [], []
+    for i in pick:
+        img, gt = ds.load_image(ids[i]), ds.load_mask(ids[i])
+        size = img.shape[:2]
+        edge = boundary_map(method, img, pad_to, device).cpu().numpy()
+        disp = irn_displacement(method, img, pad_to, device).cpu().numpy()
+        rows.append(
+            [
+                img,
+                overlay_labels(img, gt),
+                grey_rgb(upsample_strided(edge, STRIDE, size)),
+                displacement_rgb(np.stack([upsample_strided(c, STRIDE, size) for c in disp])),
+                overlay_labels(img, read_label_png(mask_dir / f"{ids[i]}.png")),
+            ]
+        )
+        captions.append(ids[i])
+    gallery(
+        rows,
+        out_png,
+        titles=["image", "ground truth", "IRN boundary", "IRN displacement", "IRN mask"],
+        row_labels=captions,
+    )
+
+
 def launch_deeplab_training(
     cfg: Mapping[str, Any],
     mask_markers: Sequence[str],

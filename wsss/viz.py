@@ -5,7 +5,7 @@ Drawn with numpy + PIL only (no matplotlib): a jet colour map for CAMs, the VOC 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -33,6 +33,58 @@ def overlay_labels(img: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> n
     col = pal[labels]
     a = np.where(labels[..., None] == 0, 0.0, alpha)
     return (img.astype(np.float32) * (1 - a) + col * a).astype(np.uint8)
+
+
+def grey_rgb(x: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] -> uint8 RGB grey levels (0 black, 1 white)."""
+    g = (np.clip(np.nan_to_num(np.asarray(x, np.float32)), 0.0, 1.0) * 255).round().astype(np.uint8)
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def upsample_strided(x: np.ndarray, stride: int, size: Tuple[int, int]) -> np.ndarray:
+    """A float map at ``stride`` (``ceil(H/stride) × ceil(W/stride)``, as IRN's stride-4 outputs)
+    bilinearly upsampled ``stride`` times and cropped to ``size`` = ``(H, W)``: each cell covers
+    the ``stride × stride`` pixels it was computed for."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"upsample_strided needs a 2-d map, got shape {x.shape}")
+    h, w = int(size[0]), int(size[1])
+    if x.shape[0] * stride < h or x.shape[1] * stride < w:
+        raise ValueError(f"a {x.shape} map at stride {stride} does not cover a {h}x{w} image")
+    up = Image.fromarray(np.ascontiguousarray(x)).resize((x.shape[1] * stride, x.shape[0] * stride), Image.BILINEAR)
+    return np.asarray(up, np.float32)[:h, :w]
+
+
+def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """HSV (each in [0, 1]) -> float RGB in [0, 1], elementwise."""
+    h6 = (np.asarray(h) % 1.0) * 6.0
+    i = np.floor(h6).astype(np.int64) % 6
+    f = h6 - np.floor(h6)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    r = np.choose(i, [v, q, p, p, t, v])
+    g = np.choose(i, [t, v, v, q, p, p])
+    b = np.choose(i, [p, p, t, v, v, q])
+    return np.stack([r, g, b], -1)
+
+
+def displacement_rgb(disp: np.ndarray) -> np.ndarray:
+    """A displacement field ``2 × H × W`` (``y, x``: IRN's channel order) -> uint8 ``H × W × 3``,
+    drawn like an optical-flow picture: hue = direction, full saturation, brightness = magnitude
+    divided by the largest magnitude of this field (so every image uses the full range).
+
+    Hue (image coordinates, y down): pointing right = red, down = yellow-green, left = cyan, up =
+    purple. A zero field is black; non-finite values count as zero.
+    """
+    d = np.nan_to_num(np.asarray(disp, np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if d.ndim != 3 or d.shape[0] != 2:
+        raise ValueError(f"displacement_rgb needs a 2 x H x W field (y, x), got shape {d.shape}")
+    dy, dx = d
+    mag = np.hypot(dx, dy)
+    peak = float(mag.max()) if mag.size else 0.0
+    v = mag / peak if peak > 0 else np.zeros_like(mag)
+    hue = (np.arctan2(dy, dx) / (2 * np.pi)) % 1.0
+    rgb = _hsv_to_rgb(hue, np.ones_like(v), v)
+    return (np.clip(rgb, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def _fit(tile: np.ndarray, size: int) -> Image.Image:

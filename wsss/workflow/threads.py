@@ -67,6 +67,7 @@ RULE_KINDS: Dict[str, str] = {
     "summary_table": "serial",
     "training_curves": "serial",
     "mask_gallery": "serial",
+    "irn_gallery": "torch",
 }
 KINDS = ("serial", "pool", "torch")
 
