@@ -31,9 +31,11 @@ def tiny_cfg(tiny_root):
     """A validated config pointing at the tiny dataset, with small classifier settings."""
     import yaml
 
-    from wsss.config import validate_config
+    from wsss.config import deep_merge, validate_config
 
-    raw = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    # as the Snakefile reads it: config.yaml, then the tiny file on top
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    raw = deep_merge(base, yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text()))
     raw["dataset"]["root"] = str(tiny_root)
     return validate_config(raw)
 

@@ -64,6 +64,7 @@ DOWNSTREAM_OF_IRN_MASKS = {
     "irn_masks_shard",
     "eval_masks",
     "mask_gallery",
+    "irn_gallery",
     "train_deeplab",
     "deeplab_predict_shard",
     "eval_deeplab",

@@ -4,23 +4,25 @@ Machines without internet cannot fetch ImageNet weights, and a classifier traine
 weights on a few hundred images gives weak CAMs, which every later stage inherits. Formula-driven
 supervised pretraining (FractalDB, Kataoka et al., ACCV 2020) shows that a network pretrained to
 classify images rendered from formulas learns transferable low- and mid-level features. This module
-renders such images: ``num_categories`` categories, each defined by formulas only,
+renders such images from two kinds of formula-defined families:
 
-* a **shape**: a closed curve r(theta) from the superformula (Gielis 2003; m-fold symmetry,
-  exponents n1, n2, n3) times a smooth random radial harmonic perturbation, so categories range
-  from polygons and flowers to irregular blobs;
-* a **texture**: one or two sinusoidal gratings (category frequency and orientation), optionally
-  thresholded into a binary pattern, or band-pass noise; two colours drawn per instance (any hue),
-  so colour never identifies a category;
+* **shape families** (``num_shapes``): closed curves r(theta) of the superformula (Gielis 2003;
+  m-fold symmetry, exponents n1, n2, n3) times a smooth random radial harmonic perturbation, from
+  polygons and stars to irregular blobs;
+* **texture families** (``num_textures``): a kind (grating, binary grating, plaid, checker, dots,
+  concentric rings, band-pass noise) at a frequency in cycles per object size; the orientation and
+  two colours (any hue) are drawn per instance, so neither identifies a family.
 
-and composes 1-3 instances of random categories, each at a random size, aspect ratio, rotation and
-position, onto a cluttered background (colour gradient, low-frequency colour blobs, strokes of
-random colours, sensor noise). The label of an image is the set of categories it shows
-(multi-label, as the WSSS classifier is trained). Categories are random formula parameters, not the
-segmentation classes of any dataset, and no segmentation mask exists or is used.
+An object is one shape in one texture; each image composes 1 to ``max_objects`` objects of random
+families, at random size, aspect ratio, rotation and position, onto a cluttered background (colour
+gradient, low-frequency colour blobs, strokes of random colours, sensor noise). The labels of an
+image are the shape and texture families of the objects that stay visible (multi-label, as the WSSS
+classifier is trained; shape and texture are separate labels so that each is learnt on its own).
+Families are random formula parameters, not the segmentation classes of any dataset, and no
+segmentation mask is used.
 
-Every image is a pure function of ``(seed, index)`` (numpy ``SeedSequence``), and the categories of
-``(seed, num_categories)``, so a training run can be repeated byte for byte.
+Every image is a pure function of ``(seed, index)`` (numpy ``SeedSequence``), and the families of
+``(seed, num_shapes, num_textures)``, so a training run can be repeated byte for byte.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import colorsys
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -36,59 +38,86 @@ from PIL import Image, ImageDraw
 #: Bump whenever the images for the same parameters change (recorded in the pretrained file).
 GENERATOR_VERSION = 1
 
-#: Texture kinds a category draws from.
-TEXTURE_KINDS = ("grating", "binary_grating", "plaid", "binary_plaid", "noise")
+#: Texture kinds a texture family is drawn from.
+TEXTURE_KINDS = ("grating", "binary_grating", "plaid", "checker", "dots", "rings", "noise")
 
 
 @dataclass(frozen=True)
-class Category:
-    """The formula parameters of one pretraining category."""
+class Shape:
+    """A shape family: the superformula ``r(t) = (|cos(m t/4)|^n2 + |sin(m t/4)|^n3)^(-1/n1)``
+    times ``1 + sum_k amp_k cos(k t + phase_k)`` (k = 2, 3, ...)."""
 
-    # superformula r(t) = (|cos(m t / 4)|^n2 + |sin(m t / 4)|^n3)^(-1 / n1)
     m: int
     n1: float
     n2: float
     n3: float
-    # radial perturbation: 1 + sum_k amp_k cos(k t + phase_k), k = 2..2+len(amp)-1
     harmonic_amp: Tuple[float, ...]
     harmonic_phase: Tuple[float, ...]
-    texture: str
-    # texture frequencies in cycles per object size, orientations in radians
-    freq: Tuple[float, float]
-    angle: Tuple[float, float]
 
 
-def make_categories(num_categories: int, seed: int) -> List[Category]:
-    """The ``num_categories`` categories of generator seed ``seed`` (deterministic)."""
-    if num_categories < 2:
-        raise ValueError(f"num_categories must be >= 2, got {num_categories}")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, num_categories]))
-    cats = []
-    for _ in range(num_categories):
+@dataclass(frozen=True)
+class Texture:
+    """A texture family: a kind of :data:`TEXTURE_KINDS` at ``freq`` cycles per object size
+    (orientation random per instance)."""
+
+    kind: str
+    freq: float
+
+
+@dataclass(frozen=True)
+class Categories:
+    """The categories of a generator seed: ``len(shapes)`` shape families and ``len(textures)``
+    texture families. An object is one shape in one texture; its labels are the shape's index and
+    ``len(shapes)`` + the texture's index, so there are ``len(shapes) + len(textures)`` labels."""
+
+    shapes: Tuple[Shape, ...]
+    textures: Tuple[Texture, ...]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.shapes) + len(self.textures)
+
+
+def make_categories(num_shapes: int, num_textures: int, seed: int) -> Categories:
+    """The shape and texture families of generator seed ``seed`` (deterministic). Texture kinds
+    cycle through :data:`TEXTURE_KINDS` so every kind is used; frequencies are spread over
+    [1.5, 8] cycles per object, alternating within a kind."""
+    if num_shapes < 1 or num_textures < 1 or num_shapes + num_textures < 2:
+        raise ValueError(f"need at least one shape and one texture family, got {num_shapes} and {num_textures}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, num_shapes, num_textures]))
+    shapes = []
+    for i in range(num_shapes):
         n_harm = int(rng.integers(1, 4))
-        cats.append(
-            Category(
-                m=int(rng.integers(0, 11)),
-                n1=float(rng.uniform(0.3, 6.0)),
-                n2=float(rng.uniform(0.5, 6.0)),
-                n3=float(rng.uniform(0.5, 6.0)),
-                harmonic_amp=tuple(float(a) for a in rng.uniform(0.0, 0.18, n_harm)),
+        shapes.append(
+            Shape(
+                m=int(rng.integers(3, 11)) if i % 4 else 0,  # every 4th a smooth (m = 0) blob
+                n1=float(np.exp(rng.uniform(math.log(0.3), math.log(8.0)))),
+                n2=float(np.exp(rng.uniform(math.log(0.5), math.log(8.0)))),
+                n3=float(np.exp(rng.uniform(math.log(0.5), math.log(8.0)))),
+                harmonic_amp=tuple(float(a) for a in rng.uniform(0.0, 0.25 if i % 4 == 0 else 0.1, n_harm)),
                 harmonic_phase=tuple(float(p) for p in rng.uniform(0.0, 2 * math.pi, n_harm)),
-                texture=TEXTURE_KINDS[int(rng.integers(len(TEXTURE_KINDS)))],
-                freq=(float(rng.uniform(1.5, 7.0)), float(rng.uniform(1.5, 7.0))),
-                angle=(float(rng.uniform(0, math.pi)), float(rng.uniform(0, math.pi))),
             )
         )
-    return cats
+    kinds = [TEXTURE_KINDS[i % len(TEXTURE_KINDS)] for i in range(num_textures)]
+    per_kind = {k: kinds.count(k) for k in set(kinds)}
+    seen: dict = {}
+    textures = []
+    for k in kinds:
+        j = seen[k] = seen.get(k, -1) + 1
+        lo, hi = 1.5, 8.0  # the kind's frequencies spread evenly on a log scale, with jitter
+        f = lo * (hi / lo) ** ((j + rng.uniform(0.25, 0.75)) / per_kind[k])
+        textures.append(Texture(kind=k, freq=float(f)))
+    order = rng.permutation(num_textures)
+    return Categories(tuple(shapes), tuple(textures[i] for i in order))
 
 
-def outline(cat: Category, n: int = 96) -> np.ndarray:
-    """The category's closed curve as ``(n, 2)`` points, scaled to a radius of at most 0.5."""
+def outline(shape: Shape, n: int = 96) -> np.ndarray:
+    """The shape's closed curve as ``(n, 2)`` points, scaled to a radius of at most 0.5."""
     t = np.linspace(0.0, 2 * math.pi, n, endpoint=False)
-    a = np.abs(np.cos(cat.m * t / 4.0)) ** cat.n2 + np.abs(np.sin(cat.m * t / 4.0)) ** cat.n3
-    r = np.power(np.maximum(a, 1e-6), -1.0 / cat.n1)
+    a = np.abs(np.cos(shape.m * t / 4.0)) ** shape.n2 + np.abs(np.sin(shape.m * t / 4.0)) ** shape.n3
+    r = np.power(np.maximum(a, 1e-6), -1.0 / shape.n1)
     r = r / max(float(r.max()), 1e-6)
-    for k, (amp, ph) in enumerate(zip(cat.harmonic_amp, cat.harmonic_phase), start=2):
+    for k, (amp, ph) in enumerate(zip(shape.harmonic_amp, shape.harmonic_phase), start=2):
         r = r * (1.0 + amp * np.cos(k * t + ph))
     r = np.clip(r, 0.15 * float(r.max()), None)  # no degenerate spikes through the centre
     r = 0.5 * r / float(r.max())
@@ -99,31 +128,31 @@ def _colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.25, 1.0))) * 255.0
 
 
-def _texture(cat: Category, X: np.ndarray, Y: np.ndarray, size: float, rng: np.random.Generator) -> np.ndarray:
+def _texture(tex: Texture, X: np.ndarray, Y: np.ndarray, size: float, rng: np.random.Generator) -> np.ndarray:
     """Texture value in [0, 1] at object-frame coordinates ``X, Y`` (pixels from the centre)."""
-    u = (X / size, Y / size)
-    spin = rng.uniform(-0.3, 0.3)  # small per-instance jitter of orientation and frequency
-    scale = rng.uniform(0.85, 1.15)
-    phase = rng.uniform(0, 2 * math.pi, 2)
-
-    def grating(i: int) -> np.ndarray:
-        a = cat.angle[i] + spin
-        return 0.5 + 0.5 * np.sin(
-            2 * math.pi * cat.freq[i] * scale * (u[0] * math.cos(a) + u[1] * math.sin(a)) + phase[i]
-        )
-
-    if cat.texture in ("grating", "binary_grating"):
-        v = grating(0)
-    elif cat.texture in ("plaid", "binary_plaid"):
-        v = 0.5 * (grating(0) + grating(1))
-    else:  # band-pass noise at the category's frequency
-        n = max(2, int(round(cat.freq[0] * scale)) + 1)
+    a = rng.uniform(0, math.pi)  # orientation: random per instance
+    f = tex.freq * rng.uniform(0.9, 1.1)
+    u = (X * math.cos(a) + Y * math.sin(a)) / size
+    w = (-X * math.sin(a) + Y * math.cos(a)) / size
+    p1, p2 = rng.uniform(0, 2 * math.pi, 2)
+    if tex.kind == "noise":  # band-pass noise at the family's frequency
+        n = max(2, int(round(f)) + 1)
         coarse = rng.random((n + 1, n + 1)).astype(np.float32)
         img = Image.fromarray((coarse * 255).astype(np.uint8)).resize(X.shape[::-1], Image.BICUBIC)
-        v = np.asarray(img, dtype=np.float32) / 255.0
-    if cat.texture.startswith("binary"):
-        v = (v > 0.5).astype(np.float32)
-    return v
+        return np.asarray(img, dtype=np.float32) / 255.0
+    if tex.kind == "rings":
+        return 0.5 + 0.5 * np.sin(2 * math.pi * f * np.hypot(u, w) + p1)
+    g1 = np.sin(2 * math.pi * f * u + p1)
+    g2 = np.sin(2 * math.pi * f * w + p2)
+    if tex.kind == "grating":
+        return 0.5 + 0.5 * g1
+    if tex.kind == "binary_grating":
+        return (g1 > 0).astype(np.float32)
+    if tex.kind == "plaid":
+        return 0.5 + 0.25 * (g1 + g2)
+    if tex.kind == "checker":
+        return (g1 * g2 > 0).astype(np.float32)
+    return ((g1 > 0.5) & (g2 > 0.5)).astype(np.float32)  # dots
 
 
 def background(rng: np.random.Generator, H: int, W: int) -> np.ndarray:
@@ -147,42 +176,56 @@ def background(rng: np.random.Generator, H: int, W: int) -> np.ndarray:
 
 
 def render_image(
-    index: int, seed: int, categories: Sequence[Category], size: int, max_objects: int = 3
+    index: int, seed: int, categories: Categories, size: int, max_objects: int = 3
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Image ``index`` of generator ``seed``: ``(uint8 (size, size, 3), sorted category ids)``."""
+    """Image ``index`` of generator ``seed``: ``(uint8 (size, size, 3), sorted label ids)``; each
+    visible object adds its shape's and its texture's label (:class:`Categories`)."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    H = W = size
-    img = background(rng, H, W)
-    labels = set()
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    img = background(rng, size, size)
+    labels: set = set()
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     while not labels:  # redraw until at least one object is visible
-        _draw_objects(img, labels, rng, categories, size, max_objects, xx, yy)
+        _draw_objects(img, labels, rng, categories, max_objects, xx, yy)
     img = img + rng.normal(0.0, 4.0, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), np.array(sorted(labels), dtype=np.int64)
 
 
-def _draw_objects(img, labels, rng, categories, size, max_objects, xx, yy) -> None:
+def _draw_objects(img, labels, rng, categories: Categories, max_objects, xx, yy) -> None:
     H, W = img.shape[:2]
-    n_obj = int(rng.integers(1, max_objects + 1))
-    for k in rng.choice(len(categories), size=n_obj, replace=True):
-        cat = categories[int(k)]
-        extent = float(np.exp(rng.uniform(math.log(0.25), math.log(0.8)))) * size
-        aspect = float(rng.uniform(0.75, 1.33))
+    n_shapes = len(categories.shapes)
+    drawn = []  # (alpha, labels) in drawing order: a later object may hide an earlier one
+    for _ in range(int(rng.integers(1, max_objects + 1))):
+        s = int(rng.integers(n_shapes))
+        t = int(rng.integers(len(categories.textures)))
+        extent = float(np.exp(rng.uniform(math.log(0.25), math.log(0.8)))) * min(H, W)
+        aspect = float(rng.uniform(0.8, 1.25))
         theta = float(rng.uniform(0, 2 * math.pi))
         cx, cy = rng.uniform(0.15, 0.85, 2) * (W, H)
-        pts = outline(cat) * (extent * aspect, extent / aspect)
+        pts = outline(categories.shapes[s]) * (extent * aspect, extent / aspect)
         rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
         pts = pts @ rot.T + (cx, cy)
         mask_im = Image.new("L", (W, H), 0)
         ImageDraw.Draw(mask_im).polygon([tuple(p) for p in pts], fill=255)
         alpha = np.asarray(mask_im, dtype=np.float32)[..., None] / 255.0
-        if float(alpha.sum()) < 0.01 * H * W:
+        if float(alpha.sum()) < 0.02 * H * W:
             continue  # mostly outside the image: not shown, not labelled
-        X = (xx - cx) * math.cos(theta) + (yy - cy) * math.sin(theta)
-        Y = -(xx - cx) * math.sin(theta) + (yy - cy) * math.cos(theta)
-        v = _texture(cat, X, Y, extent, rng)[..., None]
+        v = _texture(categories.textures[t], xx - cx, yy - cy, extent, rng)[..., None]
         c1, c2 = _colour(rng), _colour(rng)
-        obj = c1[None, None] * (1 - v) + c2[None, None] * v
         img *= 1 - alpha
-        img += obj * alpha
-        labels.add(int(k))
+        img += (c1[None, None] * (1 - v) + c2[None, None] * v) * alpha
+        drawn.append((alpha[..., 0], (s, n_shapes + t)))
+    labels.update(visible_labels(drawn))
+
+
+def visible_labels(drawn: Sequence[Tuple[np.ndarray, Tuple[int, ...]]], min_fraction: float = 0.02) -> set:
+    """Labels of the objects ``drawn`` (``(alpha HxW in [0, 1], labels)`` in drawing order) that
+    keep at least ``min_fraction`` of the image visible after the later objects covered them."""
+    if not drawn:
+        return set()
+    out: set = set()
+    hidden = np.zeros_like(drawn[0][0], dtype=np.float32)
+    for alpha, labs in reversed(drawn):
+        if float((alpha * (1 - hidden)).sum()) >= min_fraction * alpha.size:
+            out.update(labs)
+        hidden = np.maximum(hidden, alpha)
+    return out

@@ -1,7 +1,7 @@
 """Pretraining a backbone on formula-driven images (:mod:`wsss.pretrain.procedural`).
 
-The stand-in for ImageNet weights where none can be downloaded: the backbone named by
-``pretrain.backbone`` learns to tell ``pretrain.num_categories`` formula-defined categories apart in
+The stand-in for ImageNet weights where none can be downloaded: the backbone learns to name the
+formula-defined shape and texture families (``pretrain.num_shapes``, ``pretrain.num_textures``) in
 multi-label images, with the baseline CAM head (global average pooling, 1x1 classifier,
 multilabel soft-margin loss; :class:`wsss.methods.cam.CAMMethod`) and the one training engine
 (:mod:`wsss.engine`: poly SGD, a checkpoint per epoch, resume, a per-step loss log). Every epoch
@@ -36,9 +36,17 @@ class ProceduralSet(Dataset):
     :meth:`set_epoch`); samples as the classifier's training set: ``image`` (normalised CHW
     float32, randomly flipped) and multi-hot ``label``."""
 
-    def __init__(self, images_per_epoch: int, image_size: int, num_categories: int, seed: int, max_objects: int = 3):
+    def __init__(
+        self,
+        images_per_epoch: int,
+        image_size: int,
+        num_shapes: int,
+        num_textures: int,
+        seed: int,
+        max_objects: int = 3,
+    ):
         self.n, self.size, self.seed, self.max_objects = images_per_epoch, image_size, seed, max_objects
-        self.categories = make_categories(num_categories, seed)
+        self.categories = make_categories(num_shapes, num_textures, seed)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -51,7 +59,7 @@ class ProceduralSet(Dataset):
         img, cats = render_image(self.epoch * self.n + index, self.seed, self.categories, self.size, self.max_objects)
         if sample_rng(self.seed, self.epoch, index).random() < 0.5:
             img = img[:, ::-1]
-        label = np.zeros(len(self.categories), dtype=np.float32)
+        label = np.zeros(self.categories.num_labels, dtype=np.float32)
         label[cats] = 1.0
         x = np.ascontiguousarray(normalize(img).transpose(2, 0, 1))
         return {"image": torch.from_numpy(x), "label": torch.from_numpy(label), "index": index}
@@ -81,19 +89,21 @@ def pretrain(
     device, workers = device_and_workers(threads)
     torch.manual_seed(params["seed"])
     backbone = build_backbone(params["backbone"], pretrained="none", freeze_bn=False, trainable_from=None)
-    method = CAMMethod(params["num_categories"], backbone, head_lr_mult=1.0)
     data = ProceduralSet(
         params["images_per_epoch"],
         params["image_size"],
-        params["num_categories"],
+        params["num_shapes"],
+        params["num_textures"],
         params["seed"],
         params["max_objects"],
     )
+    method = CAMMethod(data.categories.num_labels, backbone, head_lr_mult=1.0)
     cfg = train_config_from({k: params[k] for k in TRAIN_KEYS})
     log.info(
-        "pretraining %s on %d formula-driven categories: %d epochs x %d images of %d px, device %s, %d workers",
+        "pretraining %s on %d shape and %d texture families: %d epochs x %d images of %d px, device %s, %d workers",
         params["backbone"],
-        params["num_categories"],
+        params["num_shapes"],
+        params["num_textures"],
         cfg.epochs,
         params["images_per_epoch"],
         params["image_size"],
