@@ -460,6 +460,7 @@ IRN_DEFAULTS = {
         "radius": 5,
         "beta": 10.0,
         "exp_times": 8,
+        "walk_size": 125,
         "bg_thresh": 0.25,
         "pad_to": 0,
         "walk": "sparse",
@@ -479,7 +480,7 @@ IRN_REFERENCE = {
         "mean_shift_crop_size": 512,
         "mean_shift_batch_size": 32,
     },
-    "irn.infer": {"pad_to": 512},
+    "irn.infer": {"pad_to": 512, "walk_size": None},
 }
 
 
@@ -834,3 +835,16 @@ def test_pseudo_label_and_make_irn_masks(tmp_path):
 
         save_checkpoint(tmp_path / "other.pt", model={}, method="cam")
         load_irn(tmp_path / "other.pt")
+
+
+def test_walk_steps_scale_with_the_map_size():
+    """walk_size: the walk's 2^exp_times steps hold at that map long side and scale with its square
+    (reach ~ radius * sqrt(steps)); null keeps exp_times for every map (IRN)."""
+    from wsss.refine.irn_params import IRNInferParams
+
+    p = IRNInferParams.from_mapping({"exp_times": 8, "walk_size": 125})
+    assert p.steps_exponent((94, 125)) == 8  # a 500 x 375 VOC image
+    assert p.steps_exponent((30, 40)) == 5  # 8 + 2 log2(40 / 125) = 4.71
+    assert p.steps_exponent((125, 250)) == 10  # twice the side: four times the steps
+    assert p.steps_exponent((2, 3)) == 0  # never negative
+    assert IRNInferParams.from_mapping({"exp_times": 8, "walk_size": None}).steps_exponent((30, 40)) == 8

@@ -91,9 +91,9 @@ CASES = {
     ),
     # CRF: its masks, their evaluation and gallery; DeepLab trains on IRN masks, so it is kept
     "crf": ({"crf": {"alpha": 8}}, {"crf_shard", "eval_masks", "mask_gallery", "summary_table", "all"}),
-    # CRF background from the chosen seed threshold: the CRF jobs (the sweep, already made, is an input)
+    # CRF background fixed instead of from the chosen seed threshold (the default): the CRF jobs
     "crf.from_seeds": (
-        {"crf": {"from_seeds": True}},
+        {"crf": {"from_seeds": False}},
         {"crf_shard", "eval_masks", "mask_gallery", "summary_table", "all"},
     ),
     # DeepLab test-time keys: prediction and evaluation, not training

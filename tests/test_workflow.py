@@ -58,6 +58,19 @@ def test_default_dag_dry_run(tmp_path):
     assert counts["summary_table"] == 1
 
 
+def test_procedural_pretraining_is_one_job_before_its_users(tmp_path):
+    """pretrained: procedural makes results/pretrain/<network>/model.pt once, an input of every job
+    that loads it (the classifier's resnet18 and DeepLab's resnet18_os8 share one file)."""
+    out = snakemake(
+        tmp_path, "-n", "--config", "classifier={pretrained: procedural}", "deeplab={pretrained: procedural}"
+    ).stdout
+    counts = job_counts(out)
+    assert counts["pretrain"] == 1 and counts["train_classifier"] == 1 and counts["train_deeplab"] == 2, out
+    assert "results/pretrain/resnet18/model.pt" in out
+    plain = job_counts(snakemake(tmp_path, "-n").stdout)
+    assert "pretrain" not in plain
+
+
 def test_bad_config_fails_before_the_dag(tmp_path):
     proc = snakemake(tmp_path, "-n", "--config", "classifier={lr: fast}", check=False)
     assert proc.returncode != 0

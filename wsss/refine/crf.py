@@ -379,11 +379,14 @@ def crf_settings(params: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     with missing keys at the schema's defaults (:func:`wsss.config.validate_section`; a bad or
     unknown key raises a ``ValueError`` naming it), pairwise terms left ``null`` set to the
     flavour's reference values (:data:`PSA_PAIRWISE` in ``alpha`` mode, :data:`IRN_PAIRWISE` in
-    ``threshold`` mode), numbers as floats and the workflow keys dropped."""
+    ``threshold`` mode), numbers as floats and the workflow keys dropped. ``from_seeds: true`` in
+    ``params`` is refused (resolve it with :func:`crf_params_for_seeds` first); left out, the fixed
+    ``alpha`` / ``bg_threshold`` apply."""
     from ..config import validate_section
 
     out = validate_section("crf", params)
-    if out.pop("from_seeds"):
+    out.pop("from_seeds")  # the schema's default (true) is the workflow's; here only a given true counts
+    if (params or {}).get("from_seeds"):
         raise ValueError(
             "crf.from_seeds is set: resolve alpha / bg_threshold from the chosen seed threshold first "
             "(wsss.refine.crf.crf_params_for_seeds)"
