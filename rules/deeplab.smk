@@ -28,6 +28,9 @@ rule seed_masks_shard:
 
 rule train_deeplab:
     input:
+        # the images and (deeplab.pseudo_masks: gt) the ground truth: a run trained on ground truth
+        # has no pseudo-mask input that would wait for the dataset
+        ready=dataset_ready(),
         masks=deeplab_mask_markers,
         confidence=deeplab_confidence_markers,
         pretrained=pretrained_weights("deeplab"),

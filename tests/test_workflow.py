@@ -56,6 +56,9 @@ def test_default_dag_dry_run(tmp_path):
     # baseline and the fully supervised reference (upper_bound: DeepLab on ground truth, no classifier)
     assert counts["irn_masks_shard"] == 2 and counts["train_deeplab"] == 2 and counts["deeplab_predict_shard"] == 4
     assert counts["summary_table"] == 1
+    # the ground-truth DeepLab has no pseudo-mask input: it waits for the dataset itself
+    job = next(b for b in out.split("\n\n") if "output: results/synthetic/upper_bound/s0/deeplab/model.pt" in b)
+    assert "data/synthetic/.complete" in job, job
 
 
 def test_procedural_pretraining_is_one_job_before_its_users(tmp_path):
