@@ -62,6 +62,8 @@ CFG = {"classifier": {"epochs": 2}, "irn": {"train": {"epochs": 3}}, "deeplab": 
 def test_rules_with_a_gpu_are_read_from_the_smk_files():
     info = cm.rule_info()
     assert {r for r, i in info.items() if i.gpu} == {
+        "pretrain",
+        "irn_gallery",
         "train_classifier",
         "cam_shard",
         "train_irn",

@@ -123,7 +123,7 @@ def test_unlabelled_images_are_skipped_by_every_stage_on_coco(tmp_path):
     )
     assert len(pd.read_csv(tmp_path / "seeds" / "sweep.csv")) > 0
     crf_marker = tmp_path / "crf" / "shard-1-of-1.json"
-    crf_shard(cfg, [str(cam)], str(crf_marker), 0, 1, progress=False)
+    crf_shard(cfg, [str(cam)], str(crf_marker), 0, 1, progress=False, sweep_csv=str(tmp_path / "seeds" / "sweep.csv"))
     seed_marker = tmp_path / "seeds" / "masks" / "shard-1-of-1.json"
     seed_masks_shard(cfg, [str(cam)], str(tmp_path / "seeds" / "sweep.csv"), str(seed_marker), 0, 1)
     ir_marker = tmp_path / "ir" / "shard-1-of-1.json"
