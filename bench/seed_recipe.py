@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     s = scores[best]
     per_class = {k[4:]: round(100 * v, 1) for k, v in s.items() if k.startswith("iou.")}
     print(
-        f"{out.name}: seed mIoU {100 * s['miou']:.1f} at threshold {best} (chosen with ground truth) | "
+        f"{out.name}: seed mIoU {100 * s['miou']:.1f} at threshold {best} (chosen with ground truth), precision "
+        f"{100 * s['mean_precision']:.1f}, recall {100 * s['mean_recall']:.1f} | "
         f"train {t_train:.0f} s, CAMs {t_cam:.0f} s | per class {per_class}"
     )
     return 0
