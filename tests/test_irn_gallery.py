@@ -67,17 +67,16 @@ def test_grey_and_strided_upsampling():
         upsample_strided(x, 4, (9, 12))
 
 
-def test_irn_displacement_is_the_reference_field():
+def test_displacement_field_is_the_reference_field():
     torch = pytest.importorskip("torch")
     from wsss.data.transforms import normalize
-    from wsss.pipeline import irn_displacement
-    from wsss.refine.irn import IRNMethod
+    from wsss.refine.irn import IRNMethod, displacement_field
 
     torch.manual_seed(0)
     m = IRNMethod("resnet18", pretrained="none", radius=5).eval()
     m.mean_shift.running_mean.copy_(torch.tensor([0.25, -0.5]))
     img = np.random.default_rng(0).integers(0, 256, (37, 50, 3), dtype=np.uint8)
-    d = irn_displacement(m, img, pad_to=64, device=torch.device("cpu"))
+    d = displacement_field(m, img, pad_to=64, device=torch.device("cpu"))
     assert d.shape == (2, 10, 13)
     # the reference (EdgeDisplacement): the unflipped image zero-padded to 64x64, the branch after
     # the mean shift, cropped to ceil(H/4) x ceil(W/4)
@@ -87,7 +86,7 @@ def test_irn_displacement_is_the_reference_field():
     want = raw[0, :, :10, :13] - torch.tensor([0.25, -0.5]).view(2, 1, 1)
     torch.testing.assert_close(d, want)
     # larger than pad_to: padded to a multiple of the output stride, as boundary_map does
-    assert irn_displacement(m, img, pad_to=0, device=torch.device("cpu")).shape == (2, 10, 13)
+    assert displacement_field(m, img, pad_to=0, device=torch.device("cpu")).shape == (2, 10, 13)
 
 
 class FakeDS:

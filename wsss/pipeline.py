@@ -613,32 +613,6 @@ def mask_gallery(
     gallery(rows, out_png, titles=["image", "ground truth", "seed", "CRF", "IRN"], row_labels=captions)
 
 
-def irn_displacement(method, img, pad_to: int = 512, device=None):
-    """The displacement field IRN's reference reads at inference (``EdgeDisplacement``:
-    ``dp_out[0]``, the unflipped image): the displacement branch of ``method`` in eval mode, mean
-    shift subtracted, on the uint8 ``img`` zero-padded as :func:`wsss.refine.irn.boundary_map` pads
-    it, cropped to ``ceil(H/4) × ceil(W/4)``. Returns a float tensor ``2 × h × w`` (``y, x``, in
-    stride-4 pixels) on the model's device."""
-    import math
-
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
-
-    from .data.transforms import normalize
-    from .refine.irn import STRIDE
-
-    device = device or next(method.parameters()).device
-    method.eval()
-    h, w = img.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(normalize(np.asarray(img)).transpose(2, 0, 1)))[None].to(device)
-    os_ = method.backbone.output_stride
-    ph, pw = max(int(pad_to), -(-h // os_) * os_), max(int(pad_to), -(-w // os_) * os_)
-    with torch.no_grad():
-        _, disp = method(F.pad(x, (0, pw - w, 0, ph - h)))
-    return disp[0, :, : math.ceil(h / STRIDE), : math.ceil(w / STRIDE)].float()
-
-
 def irn_gallery(
     cfg: Mapping[str, Any],
     model_path: str,
@@ -654,7 +628,7 @@ def irn_gallery(
     import numpy as np
 
     from .io import read_label_png
-    from .refine.irn import STRIDE, boundary_map, load_irn
+    from .refine.irn import STRIDE, boundary_map, displacement_field, load_irn
     from .refine.irn_params import IRNInferParams
     from .viz import displacement_rgb, gallery, grey_rgb, overlay_labels, upsample_strided
 
@@ -670,7 +644,7 @@ def irn_gallery(
         img, gt = ds.load_image(ids[i]), ds.load_mask(ids[i])
         size = img.shape[:2]
         edge = boundary_map(method, img, pad_to, device).cpu().numpy()
-        disp = irn_displacement(method, img, pad_to, device).cpu().numpy()
+        disp = displacement_field(method, img, pad_to, device).cpu().numpy()
         rows.append(
             [
                 img,

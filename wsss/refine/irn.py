@@ -515,15 +515,39 @@ def boundary_map(
     device = device or next(method.parameters()).device
     method.eval()
     h, w = img.shape[:2]
-    x = normalize(np.asarray(img))
-    x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-    pair = torch.stack([x, x.flip(-1)]).to(device)
-    os_ = method.backbone.output_stride
-    ph, pw = max(int(pad_to), _round_up(h, os_)), max(int(pad_to), _round_up(w, os_))
-    pair = F.pad(pair, (0, pw - w, 0, ph - h))
-    edge, _ = method.branches(pair)
+    x = _normalised(img)
+    edge, _ = method.branches(_padded(torch.stack([x, x.flip(-1)]).to(device), method, pad_to))
     edge = edge[:, 0, : math.ceil(h / STRIDE), : math.ceil(w / STRIDE)].float()
     return torch.sigmoid(edge[0] / 2 + edge[1].flip(-1) / 2)
+
+
+def _normalised(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(normalize(np.asarray(img)).transpose(2, 0, 1)))
+
+
+def _padded(batch: torch.Tensor, method: IRNMethod, pad_to: int) -> torch.Tensor:
+    """``batch`` zero-padded on the right/bottom to ``max(pad_to, size rounded up to the output
+    stride)`` (see :func:`boundary_map`)."""
+    h, w = batch.shape[-2:]
+    os_ = method.backbone.output_stride
+    ph, pw = max(int(pad_to), _round_up(h, os_)), max(int(pad_to), _round_up(w, os_))
+    return F.pad(batch, (0, pw - w, 0, ph - h))
+
+
+@torch.no_grad()
+def displacement_field(
+    method: IRNMethod, img: np.ndarray, pad_to: int = 512, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """The displacement field IRN's reference reads at inference (``EdgeDisplacement``:
+    ``dp_out[0]``, the unflipped image; the flip is averaged for the boundary map only): the
+    displacement branch in eval mode (mean shift subtracted) on ``img`` padded as
+    :func:`boundary_map` pads it, cropped to ``ceil(H/4) x ceil(W/4)``. Returns ``2 x h x w``
+    (``y, x``, in stride-4 pixels) on the model's device."""
+    device = device or next(method.parameters()).device
+    method.eval()
+    h, w = img.shape[:2]
+    _, disp = method(_padded(_normalised(img)[None].to(device), method, pad_to))
+    return disp[0, :, : math.ceil(h / STRIDE), : math.ceil(w / STRIDE)].float()
 
 
 def irn_pseudo_label(
