@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 #: Bump whenever the images for the same parameters change (recorded in the pretrained file).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: shape and texture families as separate labels
 
 #: Texture kinds a texture family is drawn from.
 TEXTURE_KINDS = ("grating", "binary_grating", "plaid", "checker", "dots", "rings", "noise")
@@ -80,9 +80,9 @@ class Categories:
 
 def make_categories(num_shapes: int, num_textures: int, seed: int) -> Categories:
     """The shape and texture families of generator seed ``seed`` (deterministic). Texture kinds
-    cycle through :data:`TEXTURE_KINDS` so every kind is used; frequencies are spread over
-    [1.5, 8] cycles per object, alternating within a kind."""
-    if num_shapes < 1 or num_textures < 1 or num_shapes + num_textures < 2:
+    cycle through :data:`TEXTURE_KINDS` so every kind is used; the families of one kind spread
+    their frequencies evenly (log scale, jittered) over [1.5, 8] cycles per object."""
+    if num_shapes < 1 or num_textures < 1:
         raise ValueError(f"need at least one shape and one texture family, got {num_shapes} and {num_textures}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5EED, num_shapes, num_textures]))
     shapes = []
@@ -185,12 +185,13 @@ def render_image(
     labels: set = set()
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     while not labels:  # redraw until at least one object is visible
-        _draw_objects(img, labels, rng, categories, max_objects, xx, yy)
+        labels = _draw_objects(img, rng, categories, max_objects, xx, yy)
     img = img + rng.normal(0.0, 4.0, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8), np.array(sorted(labels), dtype=np.int64)
 
 
-def _draw_objects(img, labels, rng, categories: Categories, max_objects, xx, yy) -> None:
+def _draw_objects(img, rng, categories: Categories, max_objects, xx, yy) -> set:
+    """Draw 1 to ``max_objects`` objects onto ``img`` in place; returns the labels left visible."""
     H, W = img.shape[:2]
     n_shapes = len(categories.shapes)
     drawn = []  # (alpha, labels) in drawing order: a later object may hide an earlier one
@@ -214,7 +215,7 @@ def _draw_objects(img, labels, rng, categories: Categories, max_objects, xx, yy)
         img *= 1 - alpha
         img += (c1[None, None] * (1 - v) + c2[None, None] * v) * alpha
         drawn.append((alpha[..., 0], (s, n_shapes + t)))
-    labels.update(visible_labels(drawn))
+    return visible_labels(drawn)
 
 
 def visible_labels(drawn: Sequence[Tuple[np.ndarray, Tuple[int, ...]]], min_fraction: float = 0.02) -> set:
