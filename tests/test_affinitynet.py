@@ -344,10 +344,12 @@ def test_pseudo_label_end_to_end_and_crf_hook():
     cams = np.zeros((2, 100, 130), np.float32)
     cams[0, 10:50, 10:60] = 0.9
     cams[1, 60:, 80:] = 0.8
-    labels, scores = affinitynet_pseudo_label(m, img, cams, [4, 11], {"alpha": 16, "beta": 8, "logt": 2})
+    labels, scores = affinitynet_pseudo_label(
+        m, img, cams, [4, 11], {"alpha": 16, "beta": 8, "logt": 2, "walk_size": None}
+    )
     assert labels.shape == (100, 130) and scores.shape == (3, 100, 130)
     assert set(np.unique(labels)) <= {0, 5, 12}
-    dense_labels, _ = affinitynet_pseudo_label(m, img, cams, [4, 11], {"logt": 2, "walk": "dense"})
+    dense_labels, _ = affinitynet_pseudo_label(m, img, cams, [4, 11], {"logt": 2, "walk_size": None, "walk": "dense"})
     assert (dense_labels == labels).mean() > 0.999
     seen = {}
 
@@ -358,6 +360,30 @@ def test_pseudo_label_end_to_end_and_crf_hook():
     affinitynet_pseudo_label(m, img, cams, [4, 11], {"logt": 2, "crf_t": 1}, crf_fn=fake_crf)
     assert seen["shape"] == (112, 144, 3) and seen["pad"] == [123, 116, 103] and seen["t"] == 1 and seen["c"] == 3
     assert seen["kw"] == {"pos_w": 3, "pos_xy_std": 3, "bi_w": 10, "bi_xy_std": 80, "bi_rgb_std": 13}
+
+
+def test_walk_size_scales_the_steps_with_the_map():
+    p = AffinityInferParams.from_mapping({"logt": 8, "walk_size": 63})
+    # PSA's 500-pixel VOC image at stride 8 (63 cells) walks 2^8; a quarter of the side, 2^4
+    assert p.steps_exponent((47, 63)) == 8 and p.steps_exponent((12, 16)) == 4
+    # a 160-pixel synthetic image at stride 8: 8 + 2 log2(20 / 63) = 4.69 -> 2^5; never below 2^0
+    assert p.steps_exponent((15, 20)) == 5 and p.steps_exponent((1, 1)) == 0
+    assert AffinityInferParams.from_mapping({"logt": 6, "walk_size": None}).steps_exponent((5, 500)) == 6
+    with pytest.raises(ValueError, match="walk_size"):
+        AffinityInferParams.from_mapping({"walk_size": 0})
+    # the pseudo-label walks the scaled number of steps: the 144 x 112 padded image is an 18 x 14
+    # grid at stride 8, so walk_size 18 walks exactly 2^logt steps and walk_size 36 four times fewer
+    torch.manual_seed(0)
+    m = AffinityNetMethod("resnet18", pretrained="none", radius=5)
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    cams = np.zeros((1, 100, 130), np.float32)
+    cams[0, 20:60, 30:90] = 0.9
+    at = {ws: affinitynet_pseudo_label(m, img, cams, [2], {"logt": 4, "walk_size": ws})[1] for ws in (18, 36)}
+    fixed = {e: affinitynet_pseudo_label(m, img, cams, [2], {"logt": e, "walk_size": None})[1] for e in (2, 4)}
+    np.testing.assert_allclose(at[18], fixed[4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(at[36], fixed[2], rtol=1e-5, atol=1e-6)
+    assert np.abs(fixed[4] - fixed[2]).max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------
@@ -373,7 +399,7 @@ def test_params_defaults_presets_and_validation():
         AffinityTrainParams.from_mapping(sections["train"])
         AffinityInferParams.from_mapping(sections["infer"])
     assert PRESETS["aeft"]["label"] == {"low_alpha": 2.0, "high_alpha": 21.0}
-    assert PRESETS["aeft"]["infer"] == {"alpha": 19.0, "beta": 8.0, "logt": 6, "crf_t": 1}
+    assert PRESETS["aeft"]["infer"] == {"alpha": 19.0, "beta": 8.0, "logt": 6, "crf_t": 1, "walk_size": None}
     assert PRESETS["hfpl"]["label"] == {"low_alpha": 1.0, "high_alpha": 24.0}
     assert PRESETS["hfpl"]["infer"]["alpha"] == 6.0 and PRESETS["hfpl"]["infer"]["crf_t"] == 0
     with pytest.raises(ValueError, match="unknown key"):

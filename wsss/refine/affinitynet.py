@@ -611,7 +611,8 @@ def affinitynet_pseudo_label(
     """Pseudo-label of one image (reference ``infer_aff.py``): the image is zero-padded (after
     normalisation) at the bottom/right to a multiple of ``method.pad_multiple`` (PSA: 8), the pair
     affinities of its feature grid and :func:`psa_cam_scores` of ``high_res`` (``K × H × W`` CAMs in
-    [0, 1] of the classes ``keys``) are walked, the result upsampled bilinearly
+    [0, 1] of the classes ``keys``) are walked (``2^e`` steps,
+    :meth:`AffinityInferParams.steps_exponent` of the grid), the result upsampled bilinearly
     (``align_corners=False``) to the padded size; with ``crf_t > 0`` the PSA CRF runs on it (AEFT:
     ``t = 1``, on the padded image whose padding has the mean colour); the argmax, cropped to
     ``H × W``, mapped to label ids ``[0] + (keys + 1)``. Returns ``(labels uint8 H × W, scores
@@ -635,7 +636,7 @@ def affinitynet_pseudo_label(
     if pairs.size != (hp // s, wp // s):
         raise ValueError(f"AffinityNet feature grid {pairs.size} is not the padded size {(hp, wp)} / stride {s}")
     cam = torch.from_numpy(psa_cam_scores(high_res, p.alpha, s, (hp, wp))).to(device)
-    rw = random_walk(cam, aff[0], pairs, p.beta, p.logt, method=p.walk).float()
+    rw = random_walk(cam, aff[0], pairs, p.beta, p.steps_exponent(pairs.size), method=p.walk).float()
     up = F.interpolate(rw[None], size=(hp, wp), mode="bilinear", align_corners=False)[0]
     scores = up.cpu().numpy()
     if p.crf_t > 0 and len(keys):

@@ -207,6 +207,7 @@ class AffinityInferParams(_Params):
     alpha: float = _default("infer", "alpha")
     beta: float = _default("infer", "beta")
     logt: int = _default("infer", "logt")
+    walk_size: Optional[int] = _default("infer", "walk_size")
     walk: str = _default("infer", "walk")
     crf_t: int = _default("infer", "crf_t")
     crf: Mapping[str, Any] = _default("infer", "crf")
@@ -215,6 +216,8 @@ class AffinityInferParams(_Params):
         self._number("alpha", 0.0)
         self._number("beta", 0.0, lo_open=True)
         self._integer("logt", 0)
+        if self.walk_size is not None:
+            self._integer("walk_size", 1)
         self._integer("crf_t", 0)
         if self.walk not in WALKS:
             self._fail("walk", f"must be one of {', '.join(WALKS)}")
@@ -226,6 +229,16 @@ class AffinityInferParams(_Params):
             raise ValueError(
                 f"unknown key(s) {unknown} in affinitynet.infer.crf; valid keys: {', '.join(sorted(valid))}"
             )
+
+    def steps_exponent(self, map_size: Tuple[int, int]) -> int:
+        """The walk's exponent for a feature map of ``map_size`` (h, w) cells: ``logt`` itself
+        (``walk_size`` null, PSA), else ``round(logt + 2 log2(max(h, w) / walk_size))``, at least
+        0. ``2^e`` steps spread a score over a distance that grows like ``radius * 2^(e/2)``;
+        scaling the steps with the squared map size keeps that reach the same fraction of the image
+        as PSA's ``2^8`` steps on a 500-pixel VOC image (63 cells at stride 8)."""
+        if self.walk_size is None:
+            return int(self.logt)
+        return max(0, int(round(self.logt + 2.0 * math.log2(max(map_size) / float(self.walk_size)))))
 
 
 for _sub, _cls in (("label", AffinityLabelParams), ("train", AffinityTrainParams), ("infer", AffinityInferParams)):
@@ -246,16 +259,16 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     "psa": {
         "label": {"low_alpha": 4.0, "high_alpha": 32.0},
         "train": {"lr": 0.1, "pretrained": "imagenet"},
-        "infer": {"alpha": 16.0, "beta": 8.0, "logt": 8, "crf_t": 0},
+        "infer": {"alpha": 16.0, "beta": 8.0, "logt": 8, "crf_t": 0, "walk_size": None},
     },
     "aeft": {
         "label": {"low_alpha": 2.0, "high_alpha": 21.0},
         "train": {"lr": 0.01, "pretrained": "classifier"},
-        "infer": {"alpha": 19.0, "beta": 8.0, "logt": 6, "crf_t": 1},
+        "infer": {"alpha": 19.0, "beta": 8.0, "logt": 6, "crf_t": 1, "walk_size": None},
     },
     "hfpl": {
         "label": {"low_alpha": 1.0, "high_alpha": 24.0},
         "train": {"lr": 0.01, "pretrained": "imagenet", "seed": 1},
-        "infer": {"alpha": 6.0, "beta": 8.0, "logt": 6, "crf_t": 0},
+        "infer": {"alpha": 6.0, "beta": 8.0, "logt": 6, "crf_t": 0, "walk_size": None},
     },
 }
