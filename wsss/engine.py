@@ -46,13 +46,20 @@ log = logging.getLogger(__name__)
 CHECKPOINT_VERSION = 1
 
 
+#: ``sgd``: the papers' SGD (momentum per ``momentum_mode``); ``adamw``: AdamW (decoupled weight
+#: decay, default betas), for training from random weights where SGD at the papers' learning
+#: rates barely fits (docs/pretrain.md); the poly schedule applies to both.
+OPTIMIZERS = ("sgd", "adamw")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 5
     batch_size: int = 16
     lr: float = 0.1
     weight_decay: float = 1e-4
-    momentum_mode: str = "reference"  # reference | standard
+    optimizer: str = "sgd"  # sgd | adamw
+    momentum_mode: str = "reference"  # reference | standard (SGD only)
     momentum: float = 0.9
     poly_power: float = 0.9
     amp: bool = True
@@ -62,14 +69,16 @@ class TrainConfig:
     def __post_init__(self):
         if self.momentum_mode not in ("reference", "standard"):
             raise ValueError(f"momentum_mode must be 'reference' or 'standard', got {self.momentum_mode!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 def effective_momentum(cfg: TrainConfig) -> float:
     return cfg.weight_decay if cfg.momentum_mode == "reference" else cfg.momentum
 
 
-def build_optimizer(groups: List[Dict[str, Any]], cfg: TrainConfig) -> torch.optim.SGD:
-    """SGD over the method's groups; each group's lr is ``lr * lr_mult``."""
+def build_optimizer(groups: List[Dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` (SGD or AdamW) over the method's groups; each group's lr is ``lr * lr_mult``."""
     param_groups = []
     for g in groups:
         params = [p for p in g["params"] if p.requires_grad]
@@ -85,6 +94,8 @@ def build_optimizer(groups: List[Dict[str, Any]], cfg: TrainConfig) -> torch.opt
         )
     if not param_groups:
         raise ValueError("the method has no trainable parameters")
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(param_groups, lr=cfg.lr, momentum=effective_momentum(cfg), weight_decay=cfg.weight_decay)
 
 
