@@ -28,7 +28,9 @@ from .procedural import GENERATOR_VERSION, make_categories, render_image
 log = logging.getLogger(__name__)
 
 #: Keys of the ``pretrain`` config section that the pretrained weights depend on.
-TRAIN_KEYS = ("epochs", "batch_size", "lr", "weight_decay", "momentum_mode", "momentum", "poly_power", "amp", "seed")
+TRAIN_KEYS = (
+    "epochs", "batch_size", "optimizer", "lr", "weight_decay", "momentum_mode", "momentum", "poly_power", "amp", "seed",
+)  # fmt: skip
 
 
 class ProceduralSet(Dataset):
