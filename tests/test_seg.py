@@ -478,6 +478,10 @@ def test_params_defaults_beco_and_errors():
         512,
     )
     assert beco["test_scales"] == [0.75, 1.0, 1.25] and beco["fusion"] == "max" and beco["head_lr_mult"] == 1.0
+    from wsss.seg.train import seg_train_config
+
+    assert seg_train_config(beco).optimizer == "sgd" and seg_train_config(beco).momentum_mode == "standard"
+    assert seg_train_config({**beco, "optimizer": "adamw"}).optimizer == "adamw"
     assert (beco["pretrained"], beco["use_confidence"], beco["seed"], beco["crf"], beco["crf_image"]) == (
         "imagenet_v2",
         True,

@@ -107,10 +107,12 @@ def build_seg_method(params: Mapping[str, Any], num_classes: int, pretrained: st
 
 
 def seg_train_config(params: Mapping[str, Any]) -> TrainConfig:
-    """Engine settings of the stage: SGD with real momentum (``"standard"``), poly schedule."""
+    """Engine settings of the stage: SGD with real momentum (``"standard"``) or AdamW
+    (``optimizer``), poly schedule."""
     return TrainConfig(
         epochs=int(params["epochs"]),
         batch_size=int(params["batch_size"]),
+        optimizer=str(params["optimizer"]),
         lr=float(params["lr"]),
         weight_decay=float(params["weight_decay"]),
         momentum_mode="standard",
