@@ -442,6 +442,7 @@ IRN_DEFAULTS = {
         "radius": 10,
         "batch_size": 8,
         "epochs": 3,
+        "optimizer": "sgd",
         "lr": 0.1,
         "edge_lr_mult": 1.0,
         "dp_lr_mult": 10.0,

@@ -144,6 +144,7 @@ class AffinityTrainParams(_Params):
     color_jitter: Optional[Tuple[float, float, float, float]] = _default("train", "color_jitter")
     batch_size: int = _default("train", "batch_size")
     epochs: int = _default("train", "epochs")
+    optimizer: str = _default("train", "optimizer")
     lr: float = _default("train", "lr")
     head_lr_mult: float = _default("train", "head_lr_mult")
     weight_decay: float = _default("train", "weight_decay")
@@ -185,6 +186,8 @@ class AffinityTrainParams(_Params):
             self._number(k, 0.0)
         if self.momentum_mode not in ("reference", "standard"):
             self._fail("momentum_mode", "must be 'reference' or 'standard'")
+        if self.optimizer not in ("sgd", "adamw"):
+            self._fail("optimizer", "must be 'sgd' or 'adamw'")
         if self.color_jitter is not None and not (
             isinstance(self.color_jitter, tuple)
             and len(self.color_jitter) == 4

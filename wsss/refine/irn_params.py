@@ -64,6 +64,7 @@ class IRNTrainParams(_Params):
     radius: int
     batch_size: int
     epochs: int
+    optimizer: str
     lr: float
     edge_lr_mult: float
     dp_lr_mult: float
