@@ -336,11 +336,15 @@ def test_psa_cam_scores_background_and_pooling():
     assert psa_cam_scores(np.zeros((0, 8, 8), np.float32), 16).tolist() == [[[1.0]]]
 
 
-def test_pseudo_label_end_to_end_and_crf_hook():
+def _random_net_and_image(seed):
+    """A randomly initialised ResNet-18 AffinityNet and a random 100 x 130 image."""
     torch.manual_seed(0)
     m = AffinityNetMethod("resnet18", pretrained="none", radius=5)
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    return m, np.random.default_rng(seed).integers(0, 256, (100, 130, 3), dtype=np.uint8)
+
+
+def test_pseudo_label_end_to_end_and_crf_hook():
+    m, img = _random_net_and_image(0)
     cams = np.zeros((2, 100, 130), np.float32)
     cams[0, 10:50, 10:60] = 0.9
     cams[1, 60:, 80:] = 0.8
@@ -373,10 +377,7 @@ def test_walk_size_scales_the_steps_with_the_map():
         AffinityInferParams.from_mapping({"walk_size": 0})
     # the pseudo-label walks the scaled number of steps: the 144 x 112 padded image is an 18 x 14
     # grid at stride 8, so walk_size 18 walks exactly 2^logt steps and walk_size 36 four times fewer
-    torch.manual_seed(0)
-    m = AffinityNetMethod("resnet18", pretrained="none", radius=5)
-    rng = np.random.default_rng(1)
-    img = rng.integers(0, 256, (100, 130, 3), dtype=np.uint8)
+    m, img = _random_net_and_image(1)
     cams = np.zeros((1, 100, 130), np.float32)
     cams[0, 20:60, 30:90] = 0.9
     at = {ws: affinitynet_pseudo_label(m, img, cams, [2], {"logt": 4, "walk_size": ws})[1] for ws in (18, 36)}
