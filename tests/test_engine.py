@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 
 import pytest
 import torch
@@ -92,15 +93,17 @@ def _params(m):
     return torch.cat([p.detach().flatten() for p in m.state_dict().values() if p.dtype.is_floating_point])
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_equals_uninterrupted(tmp_path, optimizer):
+    cfg = dataclasses.replace(CFG, optimizer=optimizer)  # AdamW's moment estimates are resumed too
     full = make_method()
-    train(full, RandomSet(), CFG, tmp_path / "a" / "model.pt", tmp_path / "a", resolved_config=RESOLVED, progress=False)
+    train(full, RandomSet(), cfg, tmp_path / "a" / "model.pt", tmp_path / "a", resolved_config=RESOLVED, progress=False)
 
     part = make_method()
     ckpt = train(
         part,
         RandomSet(),
-        CFG,
+        cfg,
         tmp_path / "b" / "model.pt",
         tmp_path / "b",
         resolved_config=RESOLVED,
@@ -110,7 +113,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert ckpt.name == "last.pt" and not (tmp_path / "b" / "model.pt").exists()
     resumed = make_method(seed=99)  # a fresh process would start from different random weights
     train(
-        resumed, RandomSet(), CFG, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=RESOLVED, progress=False
+        resumed, RandomSet(), cfg, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=RESOLVED, progress=False
     )
 
     a = load_model_state(tmp_path / "a" / "model.pt")
