@@ -23,6 +23,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
+from .walk_steps import scaled_walk_exponent
+
 __all__ = [
     "WALKS",
     "PSA_CRF_KEYS",
@@ -239,9 +241,7 @@ class AffinityInferParams(_Params):
         0. ``2^e`` steps spread a score over a distance that grows like ``radius * 2^(e/2)``;
         scaling the steps with the squared map size keeps that reach the same fraction of the image
         as PSA's ``2^8`` steps on a 500-pixel VOC image (63 cells at stride 8)."""
-        if self.walk_size is None:
-            return int(self.logt)
-        return max(0, int(round(self.logt + 2.0 * math.log2(max(map_size) / float(self.walk_size)))))
+        return scaled_walk_exponent(self.logt, map_size, self.walk_size)
 
 
 for _sub, _cls in (("label", AffinityLabelParams), ("train", AffinityTrainParams), ("infer", AffinityInferParams)):

@@ -9,11 +9,11 @@ from :mod:`wsss.refine.irn` (the network and the stages) so that it imports no t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple
 
 from ..config import validate_section
+from .walk_steps import scaled_walk_exponent
 
 #: The CAM / boundary maps are at stride 4 of the image (ceil(H/4) x ceil(W/4)); hard-coded in IRN.
 STRIDE = 4
@@ -100,6 +100,4 @@ class IRNInferParams(_Params):
         least 0. A walk of ``2^e`` steps spreads a score over a distance that grows like
         ``radius * 2^(e/2)``; scaling ``2^e`` with the squared map size keeps that reach the same
         fraction of the image as at IRN's ``walk_size`` (125 = VOC's 500-pixel long side / 4)."""
-        if self.walk_size is None:
-            return int(self.exp_times)
-        return max(0, int(round(self.exp_times + 2.0 * math.log2(max(map_size) / float(self.walk_size)))))
+        return scaled_walk_exponent(self.exp_times, map_size, self.walk_size)
