@@ -33,7 +33,7 @@ from wsss.data.synthetic import generate_synthetic
 from wsss.metrics import ConfusionMatrix
 from wsss.refine.crf import crf_mask, crf_params_for_seeds, crf_settings
 from wsss.refine.irn_params import STRIDE, IRNInferParams
-from wsss.refine.random_walk import random_walk, sem_seg_from_walk
+from wsss.refine.random_walk import outline_boundary_map, random_walk, sem_seg_from_walk
 from wsss.seeds import cam_to_label
 
 
@@ -55,10 +55,6 @@ def _depth(inside: np.ndarray) -> np.ndarray:
         d += m
         m = -F.max_pool2d(-m, 3, stride=1, padding=1)
     return d[0, 0].numpy()
-
-
-def _max3(x: np.ndarray) -> np.ndarray:
-    return F.max_pool2d(torch.from_numpy(x.astype(np.float32))[None, None], 3, stride=1, padding=1)[0, 0].numpy()
 
 
 SIGMA = 0.3  # bump width: 0.3 x the object's equivalent radius
@@ -97,18 +93,6 @@ def best_seeds(ds, items):
     return t, scores[t]
 
 
-def boundary_map(gt: np.ndarray) -> torch.Tensor:
-    """A class-boundary probability at stride 4 drawn on the object outlines (what a trained IRN
-    predicts on clean data): 0.9 on the outline, 0.05 elsewhere."""
-    lab = np.where(gt == 255, 0, gt).astype(np.float32)
-    edges = (_max3(lab) != -_max3(-lab)) | (gt == 255)
-    h, w = math.ceil(gt.shape[0] / STRIDE), math.ceil(gt.shape[1] / STRIDE)
-    pad = np.zeros((h * STRIDE, w * STRIDE), bool)
-    pad[: gt.shape[0], : gt.shape[1]] = edges
-    strided = pad.reshape(h, STRIDE, w, STRIDE).any(axis=(1, 3))
-    return torch.from_numpy(np.where(strided, 0.9, 0.05).astype(np.float32))
-
-
 #: Objects at least this large (16 cells of IRN's stride-4 maps) for the IRN comparison.
 MIN_OBJECT_PIXELS = 256
 
@@ -145,7 +129,7 @@ def irn_walk_miou(ds, cfg, items) -> float:
         h, w = gt.shape
         hs, ws = math.ceil(h / STRIDE), math.ceil(w / STRIDE)
         strided = F.interpolate(torch.from_numpy(cam)[None], size=(hs, ws), mode="area")[0]
-        rw = random_walk(strided, boundary_map(gt), p.radius, p.beta, p.steps_exponent((hs, ws)), method=p.walk)
+        rw = random_walk(strided, outline_boundary_map(gt), p.radius, p.beta, p.steps_exponent((hs, ws)), method=p.walk)
         preds.append((gt, sem_seg_from_walk(rw, keys, (h, w), p.bg_thresh)[0]))
     return miou(ds, preds)
 

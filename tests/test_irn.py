@@ -38,6 +38,7 @@ from wsss.refine.irn import (
 from wsss.refine.path_index import PathIndex, direction_path, search_directions
 from wsss.refine.random_walk import (
     confidence_mask,
+    outline_boundary_map,
     random_walk_dense,
     random_walk_sparse,
     sem_seg_from_walk,
@@ -339,6 +340,23 @@ def test_sem_seg_from_walk_global_max_and_background():
     assert empty_l.shape == (7, 6) and not empty_l.any() and empty_s.shape == (1, 7, 6)
     zero_l, _ = sem_seg_from_walk(torch.zeros(1, 2, 2), [3], (8, 8))
     assert not zero_l.any()  # all-zero scores: background, no NaN
+
+
+def test_outline_boundary_map_hand():
+    # 24 x 23 image: a square of class 2 at rows/cols 4-15, an ignore pixel at (22, 21)
+    gt = np.zeros((24, 23), np.uint8)
+    gt[4:16, 4:16] = 2
+    gt[22, 21] = 255
+    e = outline_boundary_map(gt, on=1.0, off=0.0)
+    assert e.shape == (6, 6) and e.dtype == torch.float32  # ceil(24/4) x ceil(23/4)
+    # class changes (3x3 neighbourhood) on rows/cols 3-4 and 15-16: every stride-4 cell holding one
+    # is on; the square's inside (cell 2, 2) and the far background are off, the ignore pixel's cell is on
+    ring = [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    expected = torch.tensor([ring, ring, [1.0, 1.0, 0.0, 1.0, 1.0, 0.0], ring, ring, [0.0] * 5 + [1.0]])
+    assert torch.equal(e, expected)
+    assert torch.equal(outline_boundary_map(np.zeros((8, 8), np.uint8)), torch.full((2, 2), 0.05))
+    with pytest.raises(ValueError, match="H x W"):
+        outline_boundary_map(np.zeros((2, 8, 8), np.uint8))
 
 
 def test_confidence_mask_hand():

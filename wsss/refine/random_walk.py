@@ -61,6 +61,7 @@ __all__ = [
     "random_walk",
     "sem_seg_from_walk",
     "confidence_mask",
+    "outline_boundary_map",
 ]
 
 
@@ -291,3 +292,26 @@ def confidence_mask(scores: np.ndarray, ratio: float = 0.5) -> np.ndarray:
             order = np.argsort(-margin[idx], kind="stable")
             conf[idx[order[:n_conf]]] = True
     return conf.reshape(scores.shape[1:])
+
+
+def outline_boundary_map(gt: np.ndarray, on: float = 0.9, off: float = 0.05) -> torch.Tensor:
+    """A boundary map at stride 4 drawn on the ground-truth object outlines: what a well-trained
+    boundary network predicts on clean data. For diagnostics and benchmarks only (the walk with the
+    true boundaries, ``bench/refinement_order.py``, ``bench/irn_boundary_oracle.py``); nothing in the
+    workflow feeds ground truth to the walk.
+
+    ``gt``: ``H × W`` label ids, 255 = ignore (the boundary band counts as outline). A stride-4
+    cell is ``on`` when any of its pixels lies on a class change (3 × 3 neighbourhood) or in the
+    ignore band, else ``off``. Returns float32 ``ceil(H/4) × ceil(W/4)``."""
+    gt = np.asarray(gt)
+    if gt.ndim != 2:
+        raise ValueError(f"gt must be an H x W label map, got shape {gt.shape}")
+    lab = torch.from_numpy(np.where(gt == 255, 0, gt).astype(np.float32))[None, None]
+    hi = F.max_pool2d(lab, 3, stride=1, padding=1)
+    lo = -F.max_pool2d(-lab, 3, stride=1, padding=1)
+    edges = (hi != lo)[0, 0].numpy() | (gt == 255)
+    h, w = -(-gt.shape[0] // STRIDE), -(-gt.shape[1] // STRIDE)
+    pad = np.zeros((h * STRIDE, w * STRIDE), bool)
+    pad[: gt.shape[0], : gt.shape[1]] = edges
+    strided = pad.reshape(h, STRIDE, w, STRIDE).any(axis=(1, 3))
+    return torch.from_numpy(np.where(strided, on, off).astype(np.float32))
