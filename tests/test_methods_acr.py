@@ -241,6 +241,21 @@ def test_recon_optimizer_state_round_trip():
         other.load_extra_state_dict(None)
 
 
+def test_recon_optimizer_follows_an_adamw_engine():
+    m = _acr().train()
+    opt = build_optimizer(m.param_groups(), TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=1e-4, amp=False))
+    assert isinstance(m.recon_optimizer, torch.optim.SGD)  # until the first step
+    m.train_step(_batch(), _ctx(), opt, _scaler())
+    assert isinstance(m.recon_optimizer, torch.optim.AdamW) and m.recon_optimizer.state
+    groups = {g["name"]: g for g in m.recon_optimizer.param_groups}
+    assert groups["recon"]["lr"] == pytest.approx(1e-3) and groups["recon_convT"]["lr"] == pytest.approx(1e-2)
+    assert groups["recon"]["weight_decay"] == pytest.approx(1e-4) and groups["recon_bias"]["weight_decay"] == 0.0
+    assert groups["recon"]["betas"] == opt.defaults["betas"]
+    sgd = build_optimizer(m.param_groups(), TrainConfig(lr=0.01, amp=False))
+    with pytest.raises(RuntimeError, match="already stepped"):
+        m._sync_recon_optimizer(sgd)  # a stepped AdamW state is never silently dropped
+
+
 class _RandomSet(Dataset):
     def __init__(self, n=4, classes=3, size=32):
         g = torch.Generator().manual_seed(1)
@@ -255,8 +270,9 @@ class _RandomSet(Dataset):
         return {"image": self.x[i], "label": self.y[i], "index": i}
 
 
-def test_engine_resume_restores_the_reconstructor_optimiser(tmp_path):
-    cfg = TrainConfig(epochs=2, batch_size=2, lr=0.01, seed=3, amp=False, momentum_mode="standard")
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_engine_resume_restores_the_reconstructor_optimiser(tmp_path, optimizer):
+    cfg = TrainConfig(epochs=2, batch_size=2, lr=0.01, seed=3, amp=False, momentum_mode="standard", optimizer=optimizer)
     resolved = {"classifier": {"method": "acr"}}
     train(
         _acr(), _RandomSet(), cfg, tmp_path / "a" / "model.pt", tmp_path / "a", resolved_config=resolved, progress=False
@@ -271,7 +287,9 @@ def test_engine_resume_restores_the_reconstructor_optimiser(tmp_path):
         progress=False,
         stop_after_epochs=1,
     )
-    assert "recon_optimizer" in load_checkpoint(tmp_path / "b" / "last.pt")["method_extra"]
+    extra = load_checkpoint(tmp_path / "b" / "last.pt")["method_extra"]
+    assert "recon_optimizer" in extra
+    assert extra["recon_optimizer_class"] == {"sgd": "SGD", "adamw": "AdamW"}[optimizer]
     train(
         _acr(seed=9),
         _RandomSet(),

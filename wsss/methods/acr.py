@@ -415,9 +415,11 @@ class ACRMethod(Method):
             self.classifier.requires_grad_(False)
         if self.mode == "frozen":
             self.reconstructor.requires_grad_(False)
-        self.recon_optimizer: Optional[torch.optim.SGD] = None
+        # the same class as the engine's optimiser: SGD until the first step or a resume says
+        # otherwise (_sync_recon_optimizer, load_extra_state_dict)
+        self.recon_optimizer: Optional[torch.optim.Optimizer] = None
         if self.mode == "adversarial":
-            self.recon_optimizer = torch.optim.SGD(self._recon_groups(), lr=0.0)
+            self.recon_optimizer = self._new_recon_optimizer("SGD")
 
     @classmethod
     def required_files(cls, options: Mapping[str, Any]) -> List[str]:
@@ -487,7 +489,12 @@ class ACRMethod(Method):
 
     # -- the reconstructor's optimiser state (checkpointed by the engine) ------------------------
     def extra_state_dict(self) -> Dict[str, Any]:
-        return {"recon_optimizer": self.recon_optimizer.state_dict()} if self.recon_optimizer is not None else {}
+        if self.recon_optimizer is None:
+            return {}
+        return {
+            "recon_optimizer": self.recon_optimizer.state_dict(),
+            "recon_optimizer_class": type(self.recon_optimizer).__name__,
+        }
 
     def load_extra_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
         if self.recon_optimizer is None:
@@ -496,17 +503,43 @@ class ACRMethod(Method):
             raise RuntimeError(
                 "the checkpoint has no state of ACR's reconstructor optimiser (written by another version?)"
             )
+        # checkpoints written before the AdamW switch hold an SGD state without the class name
+        self.recon_optimizer = self._new_recon_optimizer(state.get("recon_optimizer_class", "SGD"))
         self.recon_optimizer.load_state_dict(state["recon_optimizer"])
 
+    #: the reconstructor's optimiser follows the engine's (wsss.engine.OPTIMIZERS builds these)
+    RECON_OPTIMIZERS = {"SGD": torch.optim.SGD, "AdamW": torch.optim.AdamW}
+
+    def _new_recon_optimizer(self, class_name: str) -> torch.optim.Optimizer:
+        if class_name not in self.RECON_OPTIMIZERS:
+            raise ValueError(
+                f"acr: no reconstructor optimiser for the engine's {class_name}; "
+                f"valid: {', '.join(sorted(self.RECON_OPTIMIZERS))}"
+            )
+        return self.RECON_OPTIMIZERS[class_name](self._recon_groups(), lr=0.0)
+
     def _sync_recon_optimizer(self, engine_optimizer: torch.optim.Optimizer) -> None:
-        """Same SGD settings as the engine's optimiser and the same poly factor (the engine's first
-        group's ``lr / initial_lr``; 1 when it has no scheduler)."""
+        """The engine's optimiser class and settings (SGD: ``lr``, ``momentum``, ``weight_decay``;
+        AdamW: ``lr``, ``betas``, ``eps``, ``weight_decay``) and the same poly factor (the engine's
+        first group's ``lr / initial_lr``; 1 when it has no scheduler). A reconstructor optimiser of
+        another class is replaced before it has taken a step (the first RU step); after that a
+        change of class is an error, not a silent restart of its state."""
+        cls_name = type(engine_optimizer).__name__
+        if type(self.recon_optimizer).__name__ != cls_name:
+            if self.recon_optimizer.state:
+                raise RuntimeError(
+                    f"acr: the engine's optimiser is {cls_name} but the reconstructor's "
+                    f"{type(self.recon_optimizer).__name__} has already stepped"
+                )
+            self.recon_optimizer = self._new_recon_optimizer(cls_name)
         d = engine_optimizer.defaults
         g0 = engine_optimizer.param_groups[0]
         factor = g0["lr"] / g0["initial_lr"] if g0.get("initial_lr") else 1.0
         for g in self.recon_optimizer.param_groups:
             g["lr"] = d["lr"] * g["lr_mult"] * factor
-            g["momentum"] = d.get("momentum", 0.0)
+            for key in ("momentum", "betas", "eps"):
+                if key in g and key in d:
+                    g[key] = d[key]
             g["weight_decay"] = d.get("weight_decay", 0.0) if g["decay"] else 0.0
 
     # -- phases --------------------------------------------------------------------------------
