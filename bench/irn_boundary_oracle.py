@@ -9,7 +9,7 @@ For every image of ``dataset.eval_split`` of a finished run, IRN's random walk (
 * **none**: a zero boundary map (the CAMs diffuse freely over the image).
 
 It prints the mIoU, the mean precision and the per-class IoU of each next to the run's seeds (the
-threshold chosen on the sweep). Where the true outlines lift the masks far above the learned
+threshold chosen on the sweep), at the run's walk background threshold or at each ``--bg-thresh``. Where the true outlines lift the masks far above the learned
 boundaries, better boundary training pays; where they stay near the seeds, the CAMs limit IRN
 (classes whose CAM fires on the wrong region keep their low precision however good the outlines
 are). Ground truth enters only this diagnostic, never the workflow. Needs the run's CAM shards and
@@ -51,10 +51,11 @@ def chosen_seeds(sweep_csv: Path) -> dict:
     return rows[0]
 
 
-def walk_confusions(ds, store: CamStore, irn_model: Path, params: IRNInferParams, split: str):
-    """``{walk name: ConfusionMatrix}`` over the ``split`` images (see the module docstring)."""
+def walk_confusions(ds, store: CamStore, irn_model: Path, params: IRNInferParams, split: str, bg_thresholds):
+    """``{(walk name, background threshold): ConfusionMatrix}`` over the ``split`` images (see the
+    module docstring); the walk runs once per boundary map, the labels once per threshold."""
     method = load_irn(irn_model, torch.device("cpu"))
-    cms = {name: ConfusionMatrix(ds.num_classes) for name in WALKS}
+    cms = {(name, t): ConfusionMatrix(ds.num_classes) for name in WALKS for t in bg_thresholds}
     for image_id in ds.ids(split):
         rec = store.get(image_id, fields=("keys", "cam"))
         img, gt = ds.load_image(image_id), ds.load_mask(image_id)
@@ -75,7 +76,8 @@ def walk_confusions(ds, store: CamStore, irn_model: Path, params: IRNInferParams
             rw = random_walk(
                 cam, edge.float(), params.radius, params.beta, params.steps_exponent(strided), method=params.walk
             )
-            cms[name].update(gt, sem_seg_from_walk(rw, keys, (h, w), params.bg_thresh)[0])
+            for t in bg_thresholds:
+                cms[(name, t)].update(gt, sem_seg_from_walk(rw, keys, (h, w), t)[0])
     return cms
 
 
@@ -86,6 +88,12 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--run", default="baseline/s0", help="<experiment>/s<seed>")
     ap.add_argument("--results", default="results", help="the workflow's results folder")
+    ap.add_argument(
+        "--bg-thresh",
+        type=float,
+        nargs="+",
+        help="walk background thresholds to compare (default: the run's irn.infer.bg_thresh)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -101,19 +109,23 @@ def main(argv=None) -> int:
         raise FileNotFoundError(f"no CAM shards in {run_dir / 'cams'}: run the workflow up to the IRN masks first")
     params = IRNInferParams.from_mapping(cfg["irn"]["infer"])
     split = cfg["dataset"]["eval_split"]
-    cms = walk_confusions(ds, CamStore(shards), run_dir / "irn" / "model.pt", params, split)
+    thresholds = args.bg_thresh or [params.bg_thresh]
+    cms = walk_confusions(ds, CamStore(shards), run_dir / "irn" / "model.pt", params, split, thresholds)
 
     seeds = chosen_seeds(run_dir / "seeds" / "threshold_sweep.csv")
     names = ds.class_names
-    print(f"{args.run} on {split} ({cms['none'].num_images} images), mIoU / mean precision / per-class IoU, in %:")
+    n_images = next(iter(cms.values())).num_images
+    print(f"{args.run} on {split} ({n_images} images), mIoU / mean precision / per-class IoU, in %:")
     per_class = " ".join(f"{n} {100 * float(seeds[f'iou.{n}']):.1f}" for n in names)
     print(
         f"  seeds (threshold {float(seeds['threshold']):g}): {100 * float(seeds['miou']):.1f} / {100 * float(seeds['mean_precision']):.1f} | {per_class}"
     )
-    for name, cm in cms.items():
+    for (name, t), cm in cms.items():
         iou = cm.iou()
         per_class = " ".join(f"{n} {100 * v:.1f}" for n, v in zip(names, iou))
-        print(f"  IRN walk, {name + ':':15s} {100 * cm.miou:.1f} / {100 * cm.mean_precision:.1f} | {per_class}")
+        print(
+            f"  IRN walk, {name + ',':14s} threshold {t:g}: {100 * cm.miou:.1f} / {100 * cm.mean_precision:.1f} | {per_class}"
+        )
     return 0
 
 
