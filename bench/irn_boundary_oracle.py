@@ -16,6 +16,12 @@ are). Ground truth enters only this diagnostic, never the workflow. Needs the ru
 ``irn/model.pt``; run from the directory the workflow ran in::
 
     python bench/irn_boundary_oracle.py --configfile config.yaml my.yaml --run baseline/s0
+
+``--scale 2`` walks on the stride-4 grid of the image enlarged twice (CAMs resized bilinearly to
+it, the image resized bilinearly for the learned map, the ground truth by nearest neighbour for the
+outlines, labels resized back by nearest neighbour): how much the stride-4 resolution of IRN's
+walk costs on small images. The run's IRN was trained at scale 1, so its learned map at another
+scale is off its training distribution.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from wsss.cams import CamStore
 from wsss.config import deep_merge, load_config_file, run_config, validate_config
@@ -51,25 +59,39 @@ def chosen_seeds(sweep_csv: Path) -> dict:
     return rows[0]
 
 
-def walk_confusions(ds, store: CamStore, irn_model: Path, params: IRNInferParams, split: str, bg_thresholds):
+def _resized(a: np.ndarray, size, resample) -> np.ndarray:
+    """``a`` (H × W label map or H × W × 3 uint8 image) resized to ``size = (h, w)`` with PIL."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((size[1], size[0]), resample))
+
+
+def walk_confusions(
+    ds, store: CamStore, irn_model: Path, params: IRNInferParams, split: str, bg_thresholds, scale: float = 1.0
+):
     """``{(walk name, background threshold): ConfusionMatrix}`` over the ``split`` images (see the
-    module docstring); the walk runs once per boundary map, the labels once per threshold."""
+    module docstring); the walk runs once per boundary map, the labels once per threshold; at
+    ``scale`` != 1 on the image enlarged that much (module docstring)."""
     method = load_irn(irn_model, torch.device("cpu"))
     cms = {(name, t): ConfusionMatrix(ds.num_classes) for name in WALKS for t in bg_thresholds}
     for image_id in ds.ids(split):
         rec = store.get(image_id, fields=("keys", "cam"))
         img, gt = ds.load_image(image_id), ds.load_mask(image_id)
         h, w = gt.shape
-        strided = (math.ceil(h / STRIDE), math.ceil(w / STRIDE))
+        size = (round(h * scale), round(w * scale))
+        strided = (math.ceil(size[0] / STRIDE), math.ceil(size[1] / STRIDE))
         keys = np.asarray(rec.keys, dtype=np.int64).reshape(-1)
         if len(keys) == 0:
             for cm in cms.values():
                 cm.update(gt, np.zeros_like(gt))
             continue
         cam = torch.from_numpy(np.asarray(rec.cam, np.float32))
+        walk_img, walk_gt = img, gt
+        if size != (h, w):
+            cam = F.interpolate(cam[None], size=strided, mode="bilinear", align_corners=False)[0]
+            walk_img = _resized(np.asarray(img, np.uint8), size, Image.BILINEAR)
+            walk_gt = _resized(np.asarray(gt, np.uint8), size, Image.NEAREST)
         edges = {
-            "learned": boundary_map(method, img, params.pad_to, torch.device("cpu")),
-            "true outlines": outline_boundary_map(gt),
+            "learned": boundary_map(method, walk_img, params.pad_to, torch.device("cpu")),
+            "true outlines": outline_boundary_map(walk_gt),
             "none": torch.zeros(strided),
         }
         for name, edge in edges.items():
@@ -77,7 +99,10 @@ def walk_confusions(ds, store: CamStore, irn_model: Path, params: IRNInferParams
                 cam, edge.float(), params.radius, params.beta, params.steps_exponent(strided), method=params.walk
             )
             for t in bg_thresholds:
-                cms[(name, t)].update(gt, sem_seg_from_walk(rw, keys, (h, w), t)[0])
+                labels = sem_seg_from_walk(rw, keys, size, t)[0]
+                if size != (h, w):
+                    labels = _resized(labels.astype(np.uint8), (h, w), Image.NEAREST)
+                cms[(name, t)].update(gt, labels)
     return cms
 
 
@@ -93,6 +118,9 @@ def main(argv=None) -> int:
         type=float,
         nargs="+",
         help="walk background thresholds to compare (default: the run's irn.infer.bg_thresh)",
+    )
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="walk on the image enlarged this much (1: the workflow's walk)"
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -110,12 +138,17 @@ def main(argv=None) -> int:
     params = IRNInferParams.from_mapping(cfg["irn"]["infer"])
     split = cfg["dataset"]["eval_split"]
     thresholds = args.bg_thresh or [params.bg_thresh]
-    cms = walk_confusions(ds, CamStore(shards), run_dir / "irn" / "model.pt", params, split, thresholds)
+    if args.scale <= 0:
+        raise SystemExit(f"--scale must be positive, got {args.scale}")
+    cms = walk_confusions(
+        ds, CamStore(shards), run_dir / "irn" / "model.pt", params, split, thresholds, scale=args.scale
+    )
 
     seeds = chosen_seeds(run_dir / "seeds" / "threshold_sweep.csv")
     names = ds.class_names
     n_images = next(iter(cms.values())).num_images
-    print(f"{args.run} on {split} ({n_images} images), mIoU / mean precision / per-class IoU, in %:")
+    at = f", walks at scale {args.scale:g}" if args.scale != 1 else ""
+    print(f"{args.run} on {split} ({n_images} images{at}), mIoU / mean precision / per-class IoU, in %:")
     per_class = " ".join(f"{n} {100 * float(seeds[f'iou.{n}']):.1f}" for n in names)
     print(
         f"  seeds (threshold {float(seeds['threshold']):g}): {100 * float(seeds['miou']):.1f} / {100 * float(seeds['mean_precision']):.1f} | {per_class}"
