@@ -42,6 +42,7 @@ from PIL import Image
 from wsss.cams import CamStore
 from wsss.config import deep_merge, load_config_file, run_config, validate_config
 from wsss.data import open_dataset
+from wsss.data.transforms import resize
 from wsss.metrics import ConfusionMatrix
 from wsss.refine.irn import boundary_map, load_irn
 from wsss.refine.irn_params import STRIDE, IRNInferParams
@@ -57,11 +58,6 @@ def chosen_seeds(sweep_csv: Path) -> dict:
     if len(rows) != 1:
         raise ValueError(f"{sweep_csv}: expected one row with chosen_with_gt True, found {len(rows)}")
     return rows[0]
-
-
-def _resized(a: np.ndarray, size, resample) -> np.ndarray:
-    """``a`` (H × W label map or H × W × 3 uint8 image) resized to ``size = (h, w)`` with PIL."""
-    return np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((size[1], size[0]), resample))
 
 
 def walk_confusions(
@@ -87,8 +83,8 @@ def walk_confusions(
         walk_img, walk_gt = img, gt
         if size != (h, w):
             cam = F.interpolate(cam[None], size=strided, mode="bilinear", align_corners=False)[0]
-            walk_img = _resized(np.asarray(img, np.uint8), size, Image.BILINEAR)
-            walk_gt = _resized(np.asarray(gt, np.uint8), size, Image.NEAREST)
+            walk_img = resize(np.asarray(img, np.uint8), size, Image.BILINEAR)
+            walk_gt = resize(np.asarray(gt, np.uint8), size, Image.NEAREST)
         edges = {
             "learned": boundary_map(method, walk_img, params.pad_to, torch.device("cpu")),
             "true outlines": outline_boundary_map(walk_gt),
@@ -101,7 +97,7 @@ def walk_confusions(
             for t in bg_thresholds:
                 labels = sem_seg_from_walk(rw, keys, size, t)[0]
                 if size != (h, w):
-                    labels = _resized(labels.astype(np.uint8), (h, w), Image.NEAREST)
+                    labels = resize(labels.astype(np.uint8), (h, w), Image.NEAREST)
                 cms[(name, t)].update(gt, labels)
     return cms
 
@@ -124,6 +120,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if args.scale <= 0:
+        ap.error(f"--scale must be positive, got {args.scale:g}")
     torch.set_num_threads(args.threads)
 
     raw: dict = {}
@@ -138,8 +136,6 @@ def main(argv=None) -> int:
     params = IRNInferParams.from_mapping(cfg["irn"]["infer"])
     split = cfg["dataset"]["eval_split"]
     thresholds = args.bg_thresh or [params.bg_thresh]
-    if args.scale <= 0:
-        raise SystemExit(f"--scale must be positive, got {args.scale}")
     cms = walk_confusions(
         ds, CamStore(shards), run_dir / "irn" / "model.pt", params, split, thresholds, scale=args.scale
     )

@@ -245,10 +245,9 @@ def test_default_preset_is_the_hard_one_made_learnable():
 
 def test_every_preset_is_a_valid_config_value():
     """``synthetic.preset`` in the config schema accepts exactly the generator's presets."""
-    import yaml
+    from wsss.config import load_schema
 
-    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "wsss/schemas/config.schema.yaml").read_text())
-    enum = schema["properties"]["synthetic"]["properties"]["preset"]["enum"]
+    enum = load_schema()["properties"]["synthetic"]["properties"]["preset"]["enum"]
     assert sorted(enum) == sorted(PRESETS)
 
 
