@@ -570,6 +570,8 @@ def test_stages_labels_train_resume_masks(tmp_path):
     resumed = train_affinitynet(
         ds, tids, labels, tmp_path / "b" / "aff.pt", tmp_path / "b", params, device=cpu, progress=False
     )
+    for work in (tmp_path / "a", tmp_path / "b"):  # no weights left behind once the model file is written
+        assert not (work / "last.pt").exists() and not (work / "trained.pt").exists(), sorted(work.iterdir())
     sa, sb = load_affinitynet(full, cpu).state_dict(), load_affinitynet(resumed, cpu).state_dict()
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0, msg=k)

@@ -116,6 +116,8 @@ def test_resume_equals_uninterrupted(tmp_path, optimizer):
         resumed, RandomSet(), cfg, tmp_path / "b" / "model.pt", tmp_path / "b", resolved_config=RESOLVED, progress=False
     )
 
+    # once the final weights are written the resume checkpoint is deleted (it is 2-3x their size)
+    assert not (tmp_path / "a" / "last.pt").exists() and not (tmp_path / "b" / "last.pt").exists()
     a = load_model_state(tmp_path / "a" / "model.pt")
     b = load_model_state(tmp_path / "b" / "model.pt")
     for k in a["model"]:

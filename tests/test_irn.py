@@ -681,6 +681,31 @@ def _ir_labels_on_disk(tmp_path, images, seed=0):
     return d
 
 
+def test_train_irn_killed_in_the_mean_shift_resumes_without_retraining(tmp_path, monkeypatch):
+    import wsss.refine.irn as irn_mod
+
+    images = random_images(4, size=(70, 90))
+    ds = FakeDS(images)
+    labels = _ir_labels_on_disk(tmp_path, images)
+    ids = list(images)
+    real = irn_mod.compute_mean_shift
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(irn_mod, "compute_mean_shift", killed)
+    args = (ds, ids, labels, tmp_path / "irn.pt", tmp_path / "w", TRAIN_PARAMS)
+    with pytest.raises(KeyboardInterrupt):
+        train_irn(*args, infer_ids=ids[:3], device=torch.device("cpu"), progress=False)
+    assert (tmp_path / "w" / "last.pt").exists() and not (tmp_path / "irn.pt").exists()
+    steps = (tmp_path / "w" / "train_log.csv").read_text().count("\n")
+    monkeypatch.setattr(irn_mod, "compute_mean_shift", real)
+    train_irn(*args, infer_ids=ids[:3], device=torch.device("cpu"), progress=False)
+    assert (tmp_path / "w" / "train_log.csv").read_text().count("\n") == steps  # no step trained again
+    assert load_irn(tmp_path / "irn.pt", torch.device("cpu")).state_dict()["mean_shift.running_mean"].abs().sum() > 0
+    assert not (tmp_path / "w" / "last.pt").exists() and not (tmp_path / "w" / "trained.pt").exists()
+
+
 def test_train_irn_with_engine_and_resume(tmp_path):
     images = random_images(4, size=(70, 90))
     ds = FakeDS(images)
@@ -721,6 +746,8 @@ def test_train_irn_with_engine_and_resume(tmp_path):
         device=torch.device("cpu"),
         progress=False,
     )
+    for work in (tmp_path / "a", tmp_path / "b"):  # no weights left behind once the model file is written
+        assert not (work / "last.pt").exists() and not (work / "trained.pt").exists(), sorted(work.iterdir())
     a, b = load_irn(full, torch.device("cpu")), load_irn(resumed, torch.device("cpu"))
     sa, sb = a.state_dict(), b.state_dict()
     for k in sa:

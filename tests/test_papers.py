@@ -4,6 +4,7 @@ DeepLab-v1 network HFPL/AEFT/ACR segment with (wsss.seg.models.deeplabv1)."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -210,6 +211,7 @@ def test_every_preset_runs_end_to_end(tmp_path):
             assert summary["experiment"].tolist() == [EXPERIMENT[paper]]
             assert summary["deeplab_miou"].iloc[0] == pytest.approx(miou)
             assert 0 <= summary["seed_miou"].iloc[0] <= 1 and 0 <= summary["irn_miou"].iloc[0] <= 1
+        shutil.rmtree(work)  # a preset's run holds several full-size models; CI disks are small
     print("end-to-end seconds per preset:", times)
 
 

@@ -669,7 +669,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert r0["changed"] and torch.allclose(r0["flat"], r1["flat"])  # synchronised updates
     rows = list(csv.DictReader(open(tmp_path / "w" / "train_log.csv")))
     assert [int(r["step"]) for r in rows] == [0, 1]  # 8 images: 4 per rank, total batch 4 = 2 per rank -> 2 steps
-    assert (tmp_path / "w" / "last.pt").exists()
+    assert not (tmp_path / "w" / "last.pt").exists()  # deleted by rank 0 once model.pt is written
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     params = [v.flatten() for k, v in state["model"].items() if "running" not in k and "num_batches" not in k]
     assert torch.allclose(torch.cat(params), r0["flat"])

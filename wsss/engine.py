@@ -252,12 +252,15 @@ def train(
     progress: bool = True,
     on_epoch_end: Optional[Callable[[int], None]] = None,
     distributed: Optional[bool] = None,
+    keep_checkpoint: bool = False,
 ) -> Path:
     """Train ``method`` on ``train_set`` and write the final weights to ``out_path``.
 
     ``work_dir`` holds ``last.pt`` (the resume checkpoint) and ``train_log.csv``. If ``last.pt``
     exists and was made with the same resolved config, training continues after its epoch; a
-    checkpoint of another config is refused. ``stop_after_epochs`` ends this call early (used to
+    checkpoint of another config is refused. Once ``out_path`` is written, ``last.pt`` (model plus
+    optimiser state, twice the model's size or more) is deleted; ``keep_checkpoint`` leaves it for a
+    caller whose stage goes on after training (IRN's mean shift) and deletes it itself at the end. ``stop_after_epochs`` ends this call early (used to
     test resuming). The final file holds ``model`` (state_dict), ``config``, ``config_hash``,
     ``package_version`` and ``method``. ``distributed``: ``None`` = DDP when ``WORLD_SIZE`` > 1
     (see the module docstring).
@@ -390,6 +393,8 @@ def train(
 
     if rank == 0:
         save_model(out_path, method, resolved_config)
+        if not keep_checkpoint:
+            discard_checkpoints(work_dir)
     if world > 1:
         torch.distributed.barrier()
     return Path(out_path)
@@ -489,6 +494,13 @@ def ddp_loss_fn(method: Method, device: torch.device) -> Callable:
         )
     ids = [device.index] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(_LossModule(method), device_ids=ids)
+
+
+def discard_checkpoints(work_dir: Path, *others: Path) -> None:
+    """Delete the resume checkpoint ``work_dir/last.pt`` and the files ``others`` once a stage's
+    final output is written (what :func:`train` does itself unless ``keep_checkpoint``)."""
+    for path in (Path(work_dir) / "last.pt", *others):
+        Path(path).unlink(missing_ok=True)
 
 
 def save_model(path: Path, method: Method, resolved_config: Mapping[str, Any]) -> None:

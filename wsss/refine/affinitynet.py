@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import config_hash
-from ..engine import load_model_state, save_checkpoint, train, train_config_from
+from ..engine import discard_checkpoints, load_model_state, save_checkpoint, train, train_config_from
 from ..io import DataError, voc_palette, write_label_png
 from ..methods.base import Method, StepContext
 from ..models.backbones import Backbone, build_backbone
@@ -783,12 +783,14 @@ def train_affinitynet(
         num_workers=num_workers,
         stop_after_epochs=stop_after_epochs,
         progress=progress,
+        keep_checkpoint=True,
     )
     if Path(out) != trained:
         return Path(out)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not dist or torch.distributed.get_rank() == 0:
         save_affinitynet(model_out, method, resolved)
+        discard_checkpoints(work_dir, trained)
     if dist:
         torch.distributed.barrier()
     return Path(model_out)

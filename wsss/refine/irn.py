@@ -42,7 +42,7 @@ from tqdm import tqdm
 from ..config import config_hash
 from ..data.classification import sample_rng
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_crop, rescale
-from ..engine import load_model_state, save_checkpoint, train, train_config_from
+from ..engine import discard_checkpoints, load_model_state, save_checkpoint, train, train_config_from
 from ..io import DataError, read_label_png, voc_palette, write_label_png
 from ..methods.base import Method, StepContext
 from ..models.backbones import Backbone, ResNet, build_backbone
@@ -638,6 +638,7 @@ def train_irn(
 
     ``work_dir`` holds the engine's resume checkpoint ``last.pt``, ``train_log.csv`` and the
     weights before the mean shift (``trained.pt``); a rerun resumes after the last finished epoch.
+    Both weight files are deleted once ``model_out`` is written.
     ``resolved_config`` (default ``{"irn": {"train": params}}``) is what the checkpoint's config hash
     is computed from. ``stop_after_epochs`` ends early (tests) and returns the checkpoint path.
     Under DDP (``torchrun``, see :mod:`wsss.engine`) only rank 0 computes the mean shift and writes
@@ -677,6 +678,7 @@ def train_irn(
         num_workers=num_workers,
         stop_after_epochs=stop_after_epochs,
         progress=progress,
+        keep_checkpoint=True,  # until the mean shift is done: a kill during it resumes without retraining
     )
     if Path(out) != trained:
         return Path(out)
@@ -696,6 +698,7 @@ def train_irn(
         )
         log.info("IRN mean shift over %d images: %s", len(infer_ids), mean.tolist())
         save_irn(model_out, method, resolved, mean_shift_images=len(infer_ids))
+        discard_checkpoints(work_dir, trained)
     if dist:
         torch.distributed.barrier()
     return Path(model_out)
