@@ -138,6 +138,8 @@ rule affinity_labels_shard:
 rule train_affinitynet:
     input:
         labels=gather.affinitynet(f"{RESULTS}/{{{{experiment}}}}/affinitynet/labels/shard-{{scatteritem}}.json"),
+        # read only by AEFT's model selection (affinitynet.train.select); the labels depend on them anyway
+        cams=gather.cams(f"{RESULTS}/{{{{experiment}}}}/cams/shard-{{scatteritem}}.h5"),
         classifier=f"{RESULTS}/{{experiment}}/classifier/model.pt",
         pretrained=pretrained_weights("affinitynet", "train"),
     output:

@@ -4,6 +4,8 @@ the sparse walk against the dense reference formula."""
 
 from __future__ import annotations
 
+import copy
+import csv
 import math
 
 import numpy as np
@@ -626,3 +628,172 @@ def test_resnet38_is_the_reference_network():
     assert any(p.requires_grad for p in m.backbone.b3.parameters())
     with torch.no_grad():
         assert m(torch.randn(1, 3, 40, 48)).shape == (1, 448, 5, 6)
+
+
+class _SelectDS(_FakeDS):
+    """_FakeDS with splits and ground-truth masks (for AEFT's model selection)."""
+
+    num_classes = 8
+
+    def __init__(self, images, masks, splits):
+        super().__init__(images)
+        self.masks, self.splits = masks, splits
+
+    def ids(self, split):
+        return list(self.splits[split])
+
+    def load_mask(self, image_id):
+        return self.masks[image_id]
+
+
+def _selection_setup(tmp_path):
+    from wsss.refine.affinitynet import make_affinity_labels
+
+    rng = np.random.default_rng(1)
+    images = {f"im{i}": rng.integers(0, 256, (64, 80, 3), dtype=np.uint8) for i in range(3)}
+    keys_of = {"im0": [1], "im1": [0, 6], "im2": [3]}
+    store = _cam_store(tmp_path, images, keys_of, seed=1)
+    masks = {i: rng.integers(0, 8, (64, 80)).astype(np.uint8) for i in images}
+    ds = _SelectDS(images, masks, {"train": ["im0", "im1"], "sel": ["im1", "im2"]})
+    labels = tmp_path / "labels"
+    make_affinity_labels(ds, store, list(images), labels, {"low_alpha": 2, "high_alpha": 21}, progress=False)
+    return ds, store, labels
+
+
+def test_aeft_model_selection_keeps_the_best_weights_resumes_and_stays_in_eval_mode(tmp_path, monkeypatch):
+    """AEFT's train_aff.py: evaluate at steps from_step, from_step + every, ...; the best weights are
+    the model; after the first evaluation the network stays in eval mode (eval_mode_after)."""
+    from wsss.refine.affinitynet import ModelSelection, train_affinitynet
+
+    ds, store, labels = _selection_setup(tmp_path)
+    scores = {1: 0.2, 2: 0.5, 3: 0.5, 4: 0.1}  # the best is step 2 (step 3 ties: the first is kept)
+    seen = {}
+
+    def scripted(self):
+        step = len(seen.setdefault(self.log_path.parent, [])) + 1
+        seen[self.log_path.parent].append((step, self.method.training, copy.deepcopy(self.method.state_dict())))
+        return scores[step]
+
+    monkeypatch.setattr(ModelSelection, "miou", scripted)
+    select = {"from_step": 1, "every": 1, "split": "sel", "eval_mode_after": True}
+    params = {"backbone": "resnet18", "crop_size": 64, "batch_size": 2, "epochs": 4, "lr": 0.01, "amp": False}
+    params["select"] = select
+    infer = {"alpha": 16, "beta": 8, "logt": 3}
+    cpu = torch.device("cpu")
+    kw = dict(device=cpu, progress=False, select_store=store, infer=infer)
+    tids = ["im0", "im1"]  # one batch: one step per epoch, 4 steps
+    full = train_affinitynet(ds, tids, labels, tmp_path / "a.pt", tmp_path / "a", params, **kw)
+    state = torch.load(full, weights_only=False)
+    assert state["selection"] == {"step": 2, "miou": 0.5}
+    runs = seen[tmp_path / "a"]
+    assert [s for s, _, _ in runs] == [1, 2, 3, 4]
+    # training mode at the first evaluation only: AEFT never calls model.train() after infer_aff
+    assert [t for _, t, _ in runs] == [True, False, False, False]
+    for k, v in runs[1][2].items():  # the model file holds the weights of step 2, not the last ones
+        torch.testing.assert_close(state["model"][k], v, rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(state["model"][k], v) for k, v in runs[3][2].items())
+    rows = list(csv.DictReader(open(tmp_path / "a" / "selection.csv")))
+    assert [(int(r["step"]), float(r["miou"]), int(r["best_step"])) for r in rows] == [
+        (1, 0.2, 1),
+        (2, 0.5, 2),
+        (3, 0.5, 2),
+        (4, 0.1, 2),
+    ]
+    assert not (tmp_path / "a" / "last.pt").exists()
+
+    # killed after epoch 3 (its evaluation done, best so far step 2): the resumed run gives the same model
+    train_affinitynet(ds, tids, labels, tmp_path / "b.pt", tmp_path / "b", params, stop_after_epochs=3, **kw)
+    assert len(list(csv.DictReader(open(tmp_path / "b" / "selection.csv")))) == 3
+    seen[tmp_path / "b"] = seen[tmp_path / "b"][:3]
+    resumed = train_affinitynet(ds, tids, labels, tmp_path / "b.pt", tmp_path / "b", params, **kw)
+    assert [t for _, t, _ in seen[tmp_path / "b"]] == [True, False, False, False]  # eval mode survived the resume
+    b = torch.load(resumed, weights_only=False)
+    assert b["selection"] == {"step": 2, "miou": 0.5}
+    for k in state["model"]:
+        torch.testing.assert_close(b["model"][k], state["model"][k], rtol=0, atol=0, msg=k)
+    assert (tmp_path / "b" / "selection.csv").read_text() == (tmp_path / "a" / "selection.csv").read_text()
+
+    # eval_mode_after false: training mode is restored after each evaluation
+    seen.clear()
+    scores.update({1: 0.3})
+    params2 = {**params, "epochs": 2, "select": {**select, "eval_mode_after": False}}
+    train_affinitynet(ds, tids, labels, tmp_path / "c.pt", tmp_path / "c", params2, **kw)
+    assert [t for _, t, _ in seen[tmp_path / "c"]] == [True, True]
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["selection"] == {"step": 2, "miou": 0.5}
+
+
+def test_aeft_model_selection_scores_the_walked_masks_and_fails_loudly(tmp_path):
+    from wsss.metrics import ConfusionMatrix
+    from wsss.refine.affinitynet import affinitynet_pseudo_label, load_affinitynet, train_affinitynet
+
+    ds, store, labels = _selection_setup(tmp_path)
+    infer = {"alpha": 16, "beta": 8, "logt": 3}
+    cpu = torch.device("cpu")
+    params = {"backbone": "resnet18", "crop_size": 64, "batch_size": 2, "epochs": 2, "lr": 0.01, "amp": False}
+    params["select"] = {"from_step": 2, "every": 2, "split": "sel"}  # one evaluation, after the last step
+    out = train_affinitynet(
+        ds,
+        ["im0", "im1"],
+        labels,
+        tmp_path / "a.pt",
+        tmp_path / "a",
+        params,
+        device=cpu,
+        progress=False,
+        select_store=store,
+        infer=infer,
+    )
+    m = load_affinitynet(out, cpu)
+    conf = ConfusionMatrix(8)
+    for i in ("im1", "im2"):  # the selection split, not the training images
+        rec = store.get(i, ("keys", "high_res"))
+        conf.update(
+            ds.load_mask(i), affinitynet_pseudo_label(m, ds.load_image(i), rec.high_res, rec.keys, infer, cpu)[0]
+        )
+    sel = torch.load(out, weights_only=False)["selection"]
+    assert sel["step"] == 2 and sel["miou"] == pytest.approx(conf.miou)
+
+    late = {**params, "select": {"from_step": 5, "every": 1, "split": "sel"}}  # beyond the 2 updates
+    with pytest.raises(ValueError, match="no weights were evaluated"):
+        train_affinitynet(
+            ds,
+            ["im0", "im1"],
+            labels,
+            tmp_path / "b.pt",
+            tmp_path / "b",
+            late,
+            device=cpu,
+            progress=False,
+            select_store=store,
+            infer=infer,
+        )
+    with pytest.raises(ValueError, match="select_store"):
+        train_affinitynet(ds, ["im0", "im1"], labels, tmp_path / "b.pt", tmp_path / "b", params, progress=False)
+    with pytest.raises(ValueError, match="select.every must be an integer"):
+        train_affinitynet(
+            ds,
+            ["im0", "im1"],
+            labels,
+            tmp_path / "b.pt",
+            tmp_path / "b",
+            {**params, "select": {"from_step": 1, "every": 0, "split": "sel"}},
+            progress=False,
+        )
+
+
+def test_selection_adds_the_walk_keys_to_the_training_stage():
+    from wsss.config import validate_config
+    from wsss.workflow.stages import stage_params
+
+    assert "infer" not in stage_params(validate_config({}), "affinitynet_train")["affinitynet"]
+    cfg = validate_config({"affinitynet": {"train": {"select": {"from_step": 1600, "every": 200, "split": "train"}}}})
+    assert cfg["affinitynet"]["train"]["select"]["eval_mode_after"] is False  # the schema's default
+    sp = stage_params(cfg, "affinitynet_train")
+    assert sp["affinitynet"]["infer"] == cfg["affinitynet"]["infer"] and stage_params(sp, "affinitynet_train") == sp
+    assert PRESETS["aeft"]["train"]["select"] == {
+        "from_step": 1600,
+        "every": 200,
+        "split": "train",
+        "eval_mode_after": True,
+    }
+    assert "select" not in PRESETS["hfpl"]["train"] and "select" not in PRESETS["psa"]["train"]

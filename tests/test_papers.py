@@ -24,7 +24,11 @@ PRESETS = ["irn", "aeft", "acr", "hfpl", "smaf", "ktse"]
 EXPERIMENT = {p: p for p in PRESETS}
 #: what only sizes a preset's method for the tiny crops (ACR's U-Net depth must divide the crop)
 TINY_EXTRA = {
-    "acr": {"classifier": {"method_options": {"unet_depth": 6, "unet_width": 16, "recon_dims": [16, 32, 64]}}}
+    "acr": {"classifier": {"method_options": {"unet_depth": 6, "unet_width": 16, "recon_dims": [16, 32, 64]}}},
+    # AEFT's model selection starts at step 1600; the tiny run has 2 AffinityNet steps
+    "aeft": {
+        "affinitynet": {"train": {"select": {"from_step": 1, "every": 1, "split": "train", "eval_mode_after": True}}}
+    },
 }
 
 

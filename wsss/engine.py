@@ -251,6 +251,7 @@ def train(
     stop_after_epochs: Optional[int] = None,
     progress: bool = True,
     on_epoch_end: Optional[Callable[[int], None]] = None,
+    on_step_end: Optional[Callable[[int], None]] = None,
     distributed: Optional[bool] = None,
     keep_checkpoint: bool = False,
 ) -> Path:
@@ -263,7 +264,9 @@ def train(
     caller whose stage goes on after training (IRN's mean shift) and deletes it itself at the end. ``stop_after_epochs`` ends this call early (used to
     test resuming). The final file holds ``model`` (state_dict), ``config``, ``config_hash``,
     ``package_version`` and ``method``. ``distributed``: ``None`` = DDP when ``WORLD_SIZE`` > 1
-    (see the module docstring).
+    (see the module docstring). ``on_step_end(n)`` runs after each update with the number of updates
+    done so far (1, 2, ...; on every rank), ``on_epoch_end(epoch)`` after each epoch's checkpoint;
+    state a hook keeps must live in the method's ``extra_state_dict`` to survive a resume.
     """
     world, rank, device = distributed_setup(distributed, device)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -369,6 +372,8 @@ def train(
                 logger.write(row)
                 bar.set_postfix({k: f"{v:.4f}" for k, v in terms.items()})
                 step += 1
+                if on_step_end is not None:
+                    on_step_end(step)
             logger.flush()
             if rank == 0:
                 save_checkpoint(

@@ -14,6 +14,7 @@ tracked output, :mod:`wsss.workflow.markers`); a journal lets an interrupted sha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence
@@ -75,11 +76,14 @@ def train_affinitynet_stage(
     classifier_model: str,
     model_out: str,
     work_dir: str,
+    cam_paths: Sequence[str] = (),
     threads: int = 1,
     progress: bool = True,
 ) -> Path:
     """AffinityNet trained on the training split's label pairs; resumes from ``work_dir/last.pt``
-    of the same config (one of another config is set aside)."""
+    of the same config (one of another config is set aside). ``cam_paths``: the CAM shards, read
+    only by AEFT's model selection (``affinitynet.train.select``)."""
+    from .cams import CamStore
     from .refine.affinitynet import train_affinitynet
 
     ds = open_dataset(cfg)
@@ -88,18 +92,25 @@ def train_affinitynet_stage(
     device, workers = device_and_workers(threads)
     resolved = affinitynet_config(cfg)
     set_aside_stale_checkpoint(Path(work_dir) / "last.pt", resolved)
-    return train_affinitynet(
-        ds,
-        ids,
-        label_dir,
-        model_out,
-        work_dir,
-        affinitynet_train_params(cfg, classifier_model),
-        resolved_config=resolved,
-        device=device,
-        num_workers=workers,
-        progress=progress,
-    )
+    select = cfg["affinitynet"]["train"].get("select") is not None
+    if select and not cam_paths:
+        raise ValueError("affinitynet.train.select needs the CAM shards (cam_paths)")
+    with contextlib.ExitStack() as stack:
+        store = stack.enter_context(CamStore(cam_paths)) if select else None
+        return train_affinitynet(
+            ds,
+            ids,
+            label_dir,
+            model_out,
+            work_dir,
+            affinitynet_train_params(cfg, classifier_model),
+            resolved_config=resolved,
+            device=device,
+            num_workers=workers,
+            progress=progress,
+            select_store=store,
+            infer=cfg["affinitynet"]["infer"] if select else None,
+        )
 
 
 def affinitynet_masks_shard(

@@ -11,5 +11,6 @@ with logged(snakemake):
         snakemake.input.classifier,
         snakemake.output.model,
         snakemake.params.work_dir,
+        cam_paths=list(snakemake.input.cams),
         threads=snakemake.threads,
     )

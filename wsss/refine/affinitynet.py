@@ -37,8 +37,12 @@ read from the config schema), the training labels and :func:`make_affinity_label
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
+import io
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,11 +52,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from ..config import config_hash
 from ..engine import discard_checkpoints, load_model_state, save_checkpoint, train, train_config_from
-from ..io import DataError, voc_palette, write_label_png
+from ..io import DataError, voc_palette, write_label_png, write_text_atomic
 from ..methods.base import Method, StepContext
+from ..metrics import ConfusionMatrix
 from ..models.backbones import Backbone, build_backbone
 from ..workflow.per_image import map_images, todo_ids
 from .affinity_labels import (
@@ -69,6 +75,8 @@ from .affinity_labels import (
 from .affinitynet_params import PRESETS, WALKS, AffinityInferParams, AffinityLabelParams, AffinityTrainParams, is_number
 from .path_index import radius_floor, search_directions
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "IGNORE",
     "EPS",
@@ -76,6 +84,7 @@ __all__ = [
     "AffinityLabelParams",
     "AffinityTrainParams",
     "AffinityInferParams",
+    "ModelSelection",
     "psa_label",
     "downsample_scores",
     "downsample_label",
@@ -318,6 +327,25 @@ class AffinityNetMethod(Method):
         self.head_lr_mult = float(head_lr_mult)
         self.loss_weights = {"bg": float(bg_weight), "fg": float(fg_weight), "neg": float(neg_weight)}
         self.last_components: Dict[str, float] = {}
+        #: AEFT's quirk (``affinitynet.train.select.eval_mode_after``): once set, :meth:`train` keeps
+        #: the network in eval mode (dropout off; BatchNorm is frozen either way)
+        self.stay_eval = False
+        #: model selection during training (:class:`ModelSelection`); None without it
+        self.selection: Optional["ModelSelection"] = None
+
+    def train(self, mode: bool = True) -> "AffinityNetMethod":
+        return super().train(mode and not self.stay_eval)
+
+    def extra_state_dict(self) -> Dict[str, Any]:
+        """What a resumed training needs besides the weights: the eval-mode quirk's flag and the
+        model selection's best weights so far (see :class:`ModelSelection`)."""
+        return {"stay_eval": self.stay_eval, "selection": None if self.selection is None else self.selection.state()}
+
+    def load_extra_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        state = state or {}
+        self.stay_eval = bool(state.get("stay_eval", False))
+        if self.selection is not None:
+            self.selection.load_state(state.get("selection"))
 
     # -- structure ----------------------------------------------------------------------------
     def head_modules(self) -> List[nn.Module]:
@@ -670,6 +698,115 @@ def affinitynet_pseudo_label(
 # ----------------------------------------------------------------------------------------------
 
 
+class ModelSelection:
+    """AEFT's model selection (``KAIST-vilab/AEFT`` ``train_aff.py``; ``affinitynet.train.select``):
+    after each update count of :meth:`AffinityTrainParams.evaluation_steps` the current weights make
+    the pseudo-labels of ``ids`` (:func:`affinitynet_pseudo_label` with ``infer``, CAMs from
+    ``store``), scored by mIoU against ``ds.load_mask``; the best weights (the first of equal
+    scores) are kept in memory and in the method's checkpoint state, so a resumed training keeps
+    them. With ``eval_mode_after`` the method stays in eval mode after the first evaluation, as in
+    AEFT, whose ``infer_aff`` calls ``model.eval()`` and nothing calls ``model.train()`` again. One
+    row per evaluation (``step, miou, best_step, best_miou``) goes to ``log_path`` (a rerun from a
+    checkpoint rewrites the rows of the steps it repeats). This uses ground-truth masks: a choice
+    made with GT, reproduced because the published numbers were made with it."""
+
+    def __init__(
+        self,
+        method: AffinityNetMethod,
+        params: AffinityTrainParams,
+        ds: Any,
+        store: Any,
+        ids: Sequence[str],
+        infer: Union[AffinityInferParams, Mapping[str, Any], None],
+        log_path: Union[str, os.PathLike],
+        progress: bool = False,
+    ):
+        if params.select is None:
+            raise ValueError("ModelSelection needs affinitynet.train.select")
+        self.method, self.ds, self.store = method, ds, store
+        self.ids = list(ids)
+        if not self.ids:
+            raise ValueError(f"affinitynet.train.select.split {params.select['split']!r} has no images")
+        missing = [i for i in self.ids if i not in store]
+        if missing:
+            raise KeyError(
+                f"{len(missing)} image(s) of the selection split {params.select['split']!r} have no CAM in the store, "
+                f"e.g. {missing[:5]}"
+            )
+        self.infer = AffinityInferParams.from_mapping(infer)
+        self.eval_mode_after = bool(params.select.get("eval_mode_after", False))
+        self.params = params
+        self.log_path = Path(log_path)
+        self.progress = progress
+        self.best_step: Optional[int] = None
+        self.best_miou = -math.inf
+        self.best_weights: Optional[Dict[str, torch.Tensor]] = None
+        self.steps: Tuple[int, ...] = ()
+
+    def state(self) -> Dict[str, Any]:
+        return {"best_step": self.best_step, "best_miou": self.best_miou, "best_weights": self.best_weights}
+
+    def load_state(self, state: Optional[Mapping[str, Any]]) -> None:
+        state = state or {}
+        self.best_step = state.get("best_step")
+        self.best_miou = float(state.get("best_miou", -math.inf))
+        self.best_weights = state.get("best_weights")
+
+    @torch.no_grad()
+    def miou(self) -> float:
+        """mIoU of the current weights' pseudo-labels of the selection images."""
+        conf = ConfusionMatrix(self.ds.num_classes)
+        device = next(self.method.parameters()).device
+        for image_id in tqdm(self.ids, desc="AffinityNet selection", disable=not self.progress, mininterval=2.0):
+            rec = self.store.get(image_id, fields=("keys", "high_res"))
+            labels, _ = affinitynet_pseudo_label(
+                self.method, self.ds.load_image(image_id), rec.high_res, rec.keys, self.infer, device
+            )
+            conf.update(self.ds.load_mask(image_id), labels)
+        return float(conf.miou)
+
+    def __call__(self, step: int) -> None:
+        """The engine's ``on_step_end`` hook."""
+        if step not in self.steps:
+            return
+        miou = self.miou()
+        if miou > self.best_miou:
+            self.best_step, self.best_miou = step, miou
+            self.best_weights = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
+        if self.eval_mode_after:
+            self.method.stay_eval = True
+        self.method.train()
+        log.info(
+            "AffinityNet selection at step %d: mIoU %.4f (best %.4f at step %d)",
+            step,
+            miou,
+            self.best_miou,
+            self.best_step,
+        )
+        rows = []
+        if self.log_path.exists():
+            with open(self.log_path, newline="") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) < step]
+        rows.append({"step": step, "miou": miou, "best_step": self.best_step, "best_miou": self.best_miou})
+        text = io.StringIO()
+        writer = csv.DictWriter(text, ["step", "miou", "best_step", "best_miou"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.log_path, text.getvalue())
+
+    def restore_best(self, max_step: int) -> Dict[str, Any]:
+        """Load the best weights into the method; ``{"step", "miou"}`` of them. Fails when no
+        evaluation step fell inside the ``max_step`` updates of the training."""
+        if self.best_weights is None:
+            raise ValueError(
+                f"affinitynet.train.select evaluates at multiples of every={self.params.select['every']} from "
+                f"from_step={self.params.select['from_step']}, but training has only {max_step} updates: no weights "
+                "were evaluated; lower from_step or set select: null"
+            )
+        self.method.load_state_dict(self.best_weights)
+        return {"step": int(self.best_step), "miou": float(self.best_miou)}
+
+
 def _build_method(arch: Mapping[str, Any], pretrained: Optional[str] = "none") -> AffinityNetMethod:
     a = dict(arch)
     taps = a.pop("taps", None)
@@ -677,9 +814,10 @@ def _build_method(arch: Mapping[str, Any], pretrained: Optional[str] = "none") -
 
 
 def save_affinitynet(
-    path: Union[str, os.PathLike], method: AffinityNetMethod, resolved_config: Mapping[str, Any]
+    path: Union[str, os.PathLike], method: AffinityNetMethod, resolved_config: Mapping[str, Any], **extra: Any
 ) -> Path:
-    """Write the trained AffinityNet (state_dict, ``affinitynet_arch``, config) atomically."""
+    """Write the trained AffinityNet (state_dict, ``affinitynet_arch``, config and ``extra``
+    entries, e.g. ``selection``) atomically."""
     save_checkpoint(
         Path(path),
         model=method.state_dict(),
@@ -687,6 +825,7 @@ def save_affinitynet(
         affinitynet_arch=method.arch(),
         config=dict(resolved_config),
         config_hash=config_hash(resolved_config),
+        **extra,
     )
     return Path(path)
 
@@ -717,6 +856,8 @@ def train_affinitynet(
     num_workers: int = 0,
     progress: bool = True,
     stop_after_epochs: Optional[int] = None,
+    select_store: Any = None,
+    infer: Union[AffinityInferParams, Mapping[str, Any], None] = None,
 ) -> Path:
     """Train AffinityNet on ``ids`` (CRF label pairs in ``label_dir``, see :func:`make_affinity_labels`)
     with :func:`wsss.engine.train` (``train_aff.py``: poly schedule, the PolyOptimizer momentum quirk
@@ -724,8 +865,17 @@ def train_affinitynet(
     ``params.pretrained`` must already be resolved (``classifier`` is the workflow's name for the
     classifier's model file). ``work_dir`` holds ``last.pt`` and ``train_log.csv`` (terms
     ``loss_bg``, ``loss_fg``, ``loss_neg``, ``loss_total``); a rerun resumes after the last finished
-    epoch. ``stop_after_epochs`` ends early (tests) and returns the checkpoint path."""
+    epoch. ``stop_after_epochs`` ends early (tests) and returns the checkpoint path.
+
+    With ``params.select`` (AEFT's model selection, :class:`ModelSelection`) the images of the split
+    ``select.split`` are walked with ``infer`` on their CAMs in ``select_store`` and the weights with
+    the best mIoU become the model file (which records ``selection: {step, miou}``); the scores are
+    in ``work_dir/selection.csv``."""
     p = AffinityTrainParams.from_mapping(params)
+    if p.select is not None and select_store is None:
+        raise ValueError(
+            "affinitynet.train.select needs the CAM store of the selection split (select_store) and affinitynet.infer"
+        )
     if p.pretrained == "classifier":
         raise ValueError("affinitynet.train.pretrained 'classifier' must be replaced by the classifier's model file")
     ids = list(ids)
@@ -772,6 +922,23 @@ def train_affinitynet(
     cfg = train_config_from({**dataclasses.asdict(p), "drop_last": True})  # the training keys of the section
     work_dir = Path(work_dir)
     trained = work_dir / "trained.pt"
+    max_step = (len(ids) // p.batch_size) * p.epochs  # drop_last, one process (selection runs without DDP)
+    if p.select is not None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ValueError("affinitynet.train.select runs in one process; train without torchrun or set select: null")
+        method.selection = ModelSelection(
+            method,
+            p,
+            ds,
+            select_store,
+            [i for i in ds.ids(p.select["split"]) if i not in getattr(select_store, "skipped", ())],
+            infer,
+            work_dir / "selection.csv",
+            progress,
+        )
+        method.selection.steps = p.evaluation_steps(max_step)
+        if not method.selection.steps:
+            method.selection.restore_best(max_step)  # raises: nothing would be evaluated
     out = train(
         method,
         train_set,
@@ -784,12 +951,17 @@ def train_affinitynet(
         stop_after_epochs=stop_after_epochs,
         progress=progress,
         keep_checkpoint=True,
+        on_step_end=method.selection,
     )
     if Path(out) != trained:
         return Path(out)
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not dist or torch.distributed.get_rank() == 0:
-        save_affinitynet(model_out, method, resolved)
+        extra = {}
+        if method.selection is not None:
+            extra["selection"] = method.selection.restore_best(max_step)
+            log.info("AffinityNet model: the weights of step %(step)d (selection mIoU %(miou).4f)", extra["selection"])
+        save_affinitynet(model_out, method, resolved, **extra)
         discard_checkpoints(work_dir, trained)
     if dist:
         torch.distributed.barrier()

@@ -21,7 +21,8 @@ ir_labels           ``irn.ir_label``
 irn_train           ``irn.train``
 irn_infer           ``irn.infer``
 affinity_labels     ``affinitynet.label``
-affinitynet_train   ``affinitynet.train``
+affinitynet_train   ``affinitynet.train``; also ``affinitynet.infer`` when ``affinitynet.train.select``
+                    is set (AEFT's model selection walks with it)
 affinitynet_infer   ``affinitynet.infer``
 deeplab_train       ``deeplab`` minus test-time and evaluation keys
 deeplab_predict     ``deeplab``: the network (model, backbone, model_options) and test-time keys
@@ -66,6 +67,17 @@ STAGES: Dict[str, Tuple[Tuple[str, Optional[Sequence[str]], Sequence[str]], ...]
 }
 
 
+def _affinitynet_selects(cfg: Mapping[str, Any]) -> bool:
+    return cfg.get("affinitynet", {}).get("train", {}).get("select") is not None
+
+
+#: stage -> ((predicate of the config, (section, sub-keys, exclude)), ...): keys a stage reads only
+#: when a setting asks for them
+CONDITIONAL: Dict[str, Tuple[Tuple[Any, Tuple[str, Optional[Sequence[str]], Sequence[str]]], ...]] = {
+    "affinitynet_train": ((_affinitynet_selects, ("affinitynet", ("infer",), ())),),
+}
+
+
 def stage_params(cfg: Mapping[str, Any], stage: str) -> Dict[str, Any]:
     """The config subset stage ``stage`` depends on (see the module docstring), deep-copied.
 
@@ -77,6 +89,7 @@ def stage_params(cfg: Mapping[str, Any], stage: str) -> Dict[str, Any]:
     except KeyError:
         raise KeyError(f"unknown stage {stage!r}; valid stages: {', '.join(sorted(STAGES))}") from None
     out: Dict[str, Any] = {k: copy.deepcopy(cfg[k]) for k in DATA_SECTIONS}
+    spec = (*spec, *(entry for applies, entry in CONDITIONAL.get(stage, ()) if applies(cfg)))
     for section, keys, exclude in spec:
         if section not in cfg:
             raise KeyError(f"stage {stage!r} needs config section {section!r}, which the given config lacks")
