@@ -177,3 +177,39 @@ def test_unknown_method_lists_valid_names():
     with pytest.raises(KeyError, match="valid names: .*cam"):
         build_method("nope", num_classes=3, backbone=None)
     assert "cam" in list_methods()
+
+
+def test_official_poly_length_of_early_batch_methods(tmp_path):
+    """AEFT train.py: max_step = train_num_img // 8 * max_epochs (KTSE the same), although epochs
+    from T on run with the larger batch: the lr then ends well above 0. poly_steps: actual counts the
+    real updates."""
+    from wsss.methods.base import early_batch_poly_steps
+
+    assert early_batch_poly_steps("reference", 10582, 40, 8) == 1322 * 40
+    assert early_batch_poly_steps("actual", 10582, 40, 8) is None
+    assert early_batch_poly_steps("reference", 10582, 40, 0) is None  # no early batch: the real count
+    with pytest.raises(ValueError, match="poly_steps"):
+        early_batch_poly_steps("paper", 10, 1, 8)
+
+    bb = lambda: build_backbone("resnet18", pretrained="none", freeze_bn=False, trainable_from=None)  # noqa: E731
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.01, seed=0, amp=False)
+    last = {}
+    for mode in ("reference", "actual"):
+        torch.manual_seed(0)
+        opts = {"triplet_start_epoch": 1, "early_batch_size": 4, "poly_steps": mode, "attract": False, "repel": False}
+        m = build_method("aeft", num_classes=3, backbone=bb(), **opts)
+        assert m.schedule_max_step(16, 3) == (12 if mode == "reference" else None)
+        train(
+            m, RandomSet(16), cfg, tmp_path / mode / "m.pt", tmp_path / mode, resolved_config=RESOLVED, progress=False
+        )
+        with open(tmp_path / mode / "train_log.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        # epoch 0: 16 // 4 = 4 steps, epochs 1-2: 16 // 8 = 2 steps each -> 8 updates
+        assert len(rows) == 8
+        last[mode] = float(rows[-1]["lr_backbone"])
+    assert last["reference"] == pytest.approx(0.01 * (1 - 7 / 12) ** 0.9)
+    assert last["actual"] == pytest.approx(0.01 * (1 - 7 / 8) ** 0.9)
+    torch.manual_seed(0)
+    ktse = build_method("ktse", num_classes=3, backbone=bb(), start_epoch=1, early_batch_size=4)
+    assert ktse.schedule_max_step(16, 3) == 12
+    assert build_method("cam+islfsl", num_classes=3, backbone=bb()).schedule_max_step(16, 3) is None  # delegated

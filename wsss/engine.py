@@ -285,7 +285,9 @@ def train(
     if max_step == 0:
         raise ValueError(f"{n} training images give no full batch of {cfg.batch_size}; lower classifier.batch_size")
     optimizer = build_optimizer(method.param_groups(), cfg)
-    scheduler = poly_scheduler(optimizer, max_step, cfg.poly_power)
+    # a method may keep its official code's schedule length (AEFT, KTSE: Method.schedule_max_step)
+    schedule_steps = getattr(method, "schedule_max_step", lambda n, e: None)(n, cfg.epochs)
+    scheduler = poly_scheduler(optimizer, schedule_steps or max_step, cfg.poly_power)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import METHODS, StepContext
+from .base import METHODS, POLY_STEPS, StepContext, early_batch_poly_steps
 from .gpp import GPP_BINS, GPPMethod, gap_embedding, max_norm
 
 MASK_MODES = ("soft", "hard")
@@ -179,6 +179,7 @@ class AEFTMethod(GPPMethod):
         min_hard_triplets: int = 5,
         triplet_start_epoch: int = 18,
         early_batch_size: int = 8,
+        poly_steps: str = "reference",
         cls_first_n: int = 8,
     ):
         super().__init__(
@@ -217,6 +218,12 @@ class AEFTMethod(GPPMethod):
         self.triplet_start_epoch = triplet_start_epoch
         self.early_batch_size = early_batch_size
         self.cls_first_n = cls_first_n
+        self.poly_steps = _choice("poly_steps", poly_steps, POLY_STEPS)
+
+    def schedule_max_step(self, num_images: int, epochs: int) -> Optional[int]:
+        """``poly_steps: reference`` (default): the official ``max_step``, which counts every epoch
+        at ``early_batch_size`` (:func:`wsss.methods.base.early_batch_poly_steps`)."""
+        return early_batch_poly_steps(self.poly_steps, num_images, epochs, self.early_batch_size)
 
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
         """Official schedule: ``early_batch_size`` (8) before the triplet epoch ``T``, ``base`` (32) after;

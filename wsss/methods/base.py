@@ -13,6 +13,9 @@ A method owns its networks (a backbone from ``wsss.models`` plus heads) and expo
   :mod:`wsss.cam_infer`;
 * ``batch_size_for_epoch(epoch, base)``: the batch size of an epoch (AEFT switches it; default
   constant);
+* ``schedule_max_step(num_images, epochs)``: the ``max_step`` of the poly learning-rate schedule,
+  or None (default) for the number of updates the training really makes (AEFT and KTSE: their
+  official code's count, :func:`early_batch_poly_steps`);
 * ``train_step(batch, ctx, optimizer, scaler)`` (optional override): methods with several
   optimisers or phases (ACR) take over the update; the default is one summed backward pass;
 * ``required_files(options)`` (a classmethod): model files that training with these
@@ -33,7 +36,7 @@ The builders that use the registry (``build_method``, ``list_methods``, ``build_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -83,6 +86,9 @@ class Method(nn.Module):
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
         return base
 
+    def schedule_max_step(self, num_images: int, epochs: int) -> Optional[int]:
+        return None
+
     @classmethod
     def required_files(cls, options: Mapping[str, Any]) -> List[str]:
         """Files (paths as given in ``options``, the config's ``classifier.method_options``) that
@@ -93,6 +99,24 @@ class Method(nn.Module):
     @property
     def output_stride(self) -> int:
         return self.backbone.output_stride
+
+
+#: values of the AEFT / KTSE option ``poly_steps``
+POLY_STEPS = ("reference", "actual")
+
+
+def early_batch_poly_steps(mode: str, num_images: int, epochs: int, early_batch_size: int) -> Optional[int]:
+    """``max_step`` of the poly schedule of a method that trains with ``early_batch_size`` before a
+    switch epoch (AEFT, KTSE). ``reference``: ``num_images // early_batch_size * epochs``, the
+    official count (AEFT ``train.py``: ``train_num_img // 8 * max_epochs``; KTSE: ``1322 * 40``),
+    which assumes the early batch for every epoch, so the learning rate decays only part of the way
+    (about 0.45 x lr0 on VOC for AEFT); ``actual`` (or ``early_batch_size`` 0): None, the updates
+    the training really makes (the learning rate decays to 0)."""
+    if mode not in POLY_STEPS:
+        raise ValueError(f"poly_steps must be one of {', '.join(POLY_STEPS)}, got {mode!r}")
+    if mode == "actual" or early_batch_size <= 0:
+        return None
+    return max(1, num_images // early_batch_size * epochs)
 
 
 #: Suffix of the ISL/FSL add-on (HFPL): ``"<method>+islfsl"`` wraps any registered method that

@@ -222,7 +222,7 @@ class ISLFSL(Method):
     the official code), ``fsl_upsample`` (1; integer CAM upsampling before FSL), ``fsl_chunk`` (256
     rows per block), ``scale`` (1.0; multiplies the ISL and FSL terms, 0.1 for SIPE/MCTformer).
 
-    Delegates ``param_groups``, ``cam``, ``logits``, ``batch_size_for_epoch`` and
+    Delegates ``param_groups``, ``cam``, ``logits``, ``batch_size_for_epoch``, ``schedule_max_step`` and
     ``features_and_cams`` to the base; the base is the submodule ``base`` (state_dict keys
     ``base.*``).
     """
@@ -306,6 +306,9 @@ class ISLFSL(Method):
 
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
         return self.base.batch_size_for_epoch(epoch, base)
+
+    def schedule_max_step(self, num_images: int, epochs: int) -> Optional[int]:
+        return self.base.schedule_max_step(num_images, epochs)
 
     @property
     def output_stride(self) -> int:

@@ -36,14 +36,14 @@ Deviations from paper and code: docs/methods/ktse.md.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .aeft import MASK_MODES, attraction_loss, erase_mask, foreground_map, step_generator
-from .base import METHODS, StepContext
+from .base import METHODS, POLY_STEPS, StepContext, early_batch_poly_steps
 from .gpp import GPP_BINS, GPPMethod, gap_embedding
 from .par import PAR_DILATIONS, PAR_ITERATIONS, par_refine
 
@@ -234,6 +234,7 @@ class KTSEMethod(GPPMethod):
         mga_mode: str = "ga_la",
         start_epoch: int = 10,
         early_batch_size: int = 8,
+        poly_steps: str = "reference",
         num_pairs: int = 4,
         concat_axis: str = "height",
         kt_margin: float = 0.05,
@@ -289,6 +290,7 @@ class KTSEMethod(GPPMethod):
         if not float(pseudo_low) <= float(pseudo_high):
             raise ValueError(f"pseudo_low ({pseudo_low}) must not exceed pseudo_high ({pseudo_high})")
         self.start_epoch, self.early_batch_size = start_epoch, early_batch_size
+        self.poly_steps = _choice("poly_steps", poly_steps, POLY_STEPS)
         self.num_pairs = num_pairs
         self.kt_margin, self.kt_weight = float(kt_margin), float(kt_weight)
         self.kt_detach_target = bool(kt_detach_target)
@@ -303,6 +305,11 @@ class KTSEMethod(GPPMethod):
         self.global_weight, self.local_weight = float(global_weight), float(local_weight)
         self.local_margin = float(local_margin)
         self.rigid_weight = float(rigid_weight)
+
+    def schedule_max_step(self, num_images: int, epochs: int) -> Optional[int]:
+        """``poly_steps: reference`` (default): the official ``max_step``, which counts every epoch
+        at ``early_batch_size`` (:func:`wsss.methods.base.early_batch_poly_steps`)."""
+        return early_batch_poly_steps(self.poly_steps, num_images, epochs, self.early_batch_size)
 
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
         """Official schedule: ``early_batch_size`` (8) before ``start_epoch`` (10), ``base`` (16) after;

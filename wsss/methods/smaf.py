@@ -295,6 +295,9 @@ class SMAFMethod(Method):
     def batch_size_for_epoch(self, epoch: int, base: int) -> int:
         return self.student.batch_size_for_epoch(epoch, base)
 
+    def schedule_max_step(self, num_images: int, epochs: int) -> Optional[int]:
+        return self.student.schedule_max_step(num_images, epochs)
+
     @property
     def output_stride(self) -> int:
         return self.student.output_stride
