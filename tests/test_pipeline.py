@@ -70,16 +70,22 @@ def test_unknown_backbone_lists_names(tiny_cfg):
         build_classifier(cfg, 8)
 
 
-def test_stale_checkpoint_is_set_aside(tiny_cfg, tmp_path):
+def test_stale_checkpoint_is_set_aside(tiny_cfg, tmp_path, monkeypatch):
     """A resume checkpoint of another config is kept under another name, not resumed or deleted."""
+    import wsss.engine
+
     _labels_csv(tiny_cfg, tmp_path / "labels.csv")
     cfg = copy.deepcopy(tiny_cfg)
     cfg["classifier"]["epochs"] = 1
     work = tmp_path / "w"
-    train_classifier(cfg, str(tmp_path / "labels.csv"), str(tmp_path / "m.pt"), str(work), progress=False)
+    with monkeypatch.context() as mp:  # killed after its last checkpoint, before the checkpoint is discarded
+        mp.setattr(wsss.engine, "discard_checkpoints", lambda *a: None)
+        train_classifier(cfg, str(tmp_path / "labels.csv"), str(tmp_path / "m.pt"), str(work), progress=False)
+    assert (work / "last.pt").exists()
     cfg["classifier"]["lr"] = 0.05
     train_classifier(cfg, str(tmp_path / "labels.csv"), str(tmp_path / "m2.pt"), str(work), progress=False)
-    assert len(list(work.glob("last.stale-*.pt"))) == 1 and (work / "last.pt").exists()
+    # the other config's checkpoint is kept aside; the new run's own one is gone once m2.pt is written
+    assert len(list(work.glob("last.stale-*.pt"))) == 1 and not (work / "last.pt").exists()
 
 
 def test_deeplab_training_under_torchrun_with_two_processes(tiny_cfg, tmp_path):
