@@ -731,18 +731,11 @@ def test_aeft_model_selection_scores_the_walked_masks_and_fails_loudly(tmp_path)
     cpu = torch.device("cpu")
     params = {"backbone": "resnet18", "crop_size": 64, "batch_size": 2, "epochs": 2, "lr": 0.01, "amp": False}
     params["select"] = {"from_step": 2, "every": 2, "split": "sel"}  # one evaluation, after the last step
-    out = train_affinitynet(
-        ds,
-        ["im0", "im1"],
-        labels,
-        tmp_path / "a.pt",
-        tmp_path / "a",
-        params,
-        device=cpu,
-        progress=False,
-        select_store=store,
-        infer=infer,
-    )
+
+    def run(name, p, **kw):
+        return train_affinitynet(ds, ["im0", "im1"], labels, tmp_path / f"{name}.pt", tmp_path / name, p, **kw)
+
+    out = run("a", params, device=cpu, progress=False, select_store=store, infer=infer)
     m = load_affinitynet(out, cpu)
     conf = ConfusionMatrix(8)
     for i in ("im1", "im2"):  # the selection split, not the training images
@@ -755,30 +748,11 @@ def test_aeft_model_selection_scores_the_walked_masks_and_fails_loudly(tmp_path)
 
     late = {**params, "select": {"from_step": 5, "every": 1, "split": "sel"}}  # beyond the 2 updates
     with pytest.raises(ValueError, match="no weights were evaluated"):
-        train_affinitynet(
-            ds,
-            ["im0", "im1"],
-            labels,
-            tmp_path / "b.pt",
-            tmp_path / "b",
-            late,
-            device=cpu,
-            progress=False,
-            select_store=store,
-            infer=infer,
-        )
+        run("b", late, device=cpu, progress=False, select_store=store, infer=infer)
     with pytest.raises(ValueError, match="select_store"):
-        train_affinitynet(ds, ["im0", "im1"], labels, tmp_path / "b.pt", tmp_path / "b", params, progress=False)
+        run("b", params, progress=False)
     with pytest.raises(ValueError, match="select.every must be an integer"):
-        train_affinitynet(
-            ds,
-            ["im0", "im1"],
-            labels,
-            tmp_path / "b.pt",
-            tmp_path / "b",
-            {**params, "select": {"from_step": 1, "every": 0, "split": "sel"}},
-            progress=False,
-        )
+        run("b", {**params, "select": {"from_step": 1, "every": 0, "split": "sel"}}, progress=False)
 
 
 def test_selection_adds_the_walk_keys_to_the_training_stage():
