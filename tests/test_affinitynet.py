@@ -747,7 +747,7 @@ def test_aeft_model_selection_scores_the_walked_masks_and_fails_loudly(tmp_path)
     assert sel["step"] == 2 and sel["miou"] == pytest.approx(conf.miou)
 
     late = {**params, "select": {"from_step": 5, "every": 1, "split": "sel"}}  # beyond the 2 updates
-    with pytest.raises(ValueError, match="no weights were evaluated"):
+    with pytest.raises(ValueError, match="no weights would be evaluated"):
         run("b", late, device=cpu, progress=False, select_store=store, infer=infer)
     with pytest.raises(ValueError, match="select_store"):
         run("b", params, progress=False)

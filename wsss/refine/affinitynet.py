@@ -719,10 +719,19 @@ class ModelSelection:
         ids: Sequence[str],
         infer: Union[AffinityInferParams, Mapping[str, Any], None],
         log_path: Union[str, os.PathLike],
+        max_step: int,
         progress: bool = False,
     ):
         if params.select is None:
             raise ValueError("ModelSelection needs affinitynet.train.select")
+        #: the update counts after which the weights are evaluated
+        self.steps = params.evaluation_steps(max_step)
+        if not self.steps:
+            raise ValueError(
+                f"affinitynet.train.select evaluates at multiples of every={params.select['every']} from "
+                f"from_step={params.select['from_step']}, but training has only {max_step} updates: no weights "
+                "would be evaluated; lower from_step or set select: null"
+            )
         self.method, self.ds, self.store = method, ds, store
         self.ids = list(ids)
         if not self.ids:
@@ -735,13 +744,11 @@ class ModelSelection:
             )
         self.infer = AffinityInferParams.from_mapping(infer)
         self.eval_mode_after = bool(params.select.get("eval_mode_after", False))
-        self.params = params
         self.log_path = Path(log_path)
         self.progress = progress
         self.best_step: Optional[int] = None
         self.best_miou = -math.inf
         self.best_weights: Optional[Dict[str, torch.Tensor]] = None
-        self.steps: Tuple[int, ...] = ()
 
     def state(self) -> Dict[str, Any]:
         return {"best_step": self.best_step, "best_miou": self.best_miou, "best_weights": self.best_weights}
@@ -794,15 +801,10 @@ class ModelSelection:
         writer.writerows(rows)
         write_text_atomic(self.log_path, text.getvalue())
 
-    def restore_best(self, max_step: int) -> Dict[str, Any]:
-        """Load the best weights into the method; ``{"step", "miou"}`` of them. Fails when no
-        evaluation step fell inside the ``max_step`` updates of the training."""
+    def restore_best(self) -> Dict[str, Any]:
+        """Load the best weights into the method; ``{"step", "miou"}`` of them."""
         if self.best_weights is None:
-            raise ValueError(
-                f"affinitynet.train.select evaluates at multiples of every={self.params.select['every']} from "
-                f"from_step={self.params.select['from_step']}, but training has only {max_step} updates: no weights "
-                "were evaluated; lower from_step or set select: null"
-            )
+            raise RuntimeError(f"the AffinityNet selection has not evaluated any weights yet (steps {self.steps})")
         self.method.load_state_dict(self.best_weights)
         return {"step": int(self.best_step), "miou": float(self.best_miou)}
 
@@ -872,7 +874,7 @@ def train_affinitynet(
     the best mIoU become the model file (which records ``selection: {step, miou}``); the scores are
     in ``work_dir/selection.csv``."""
     p = AffinityTrainParams.from_mapping(params)
-    if p.select is not None and select_store is None:
+    if p.select is not None and (select_store is None or infer is None):
         raise ValueError(
             "affinitynet.train.select needs the CAM store of the selection split (select_store) and affinitynet.infer"
         )
@@ -934,11 +936,9 @@ def train_affinitynet(
             [i for i in ds.ids(p.select["split"]) if i not in getattr(select_store, "skipped", ())],
             infer,
             work_dir / "selection.csv",
+            max_step,
             progress,
         )
-        method.selection.steps = p.evaluation_steps(max_step)
-        if not method.selection.steps:
-            method.selection.restore_best(max_step)  # raises: nothing would be evaluated
     out = train(
         method,
         train_set,
@@ -959,7 +959,7 @@ def train_affinitynet(
     if not dist or torch.distributed.get_rank() == 0:
         extra = {}
         if method.selection is not None:
-            extra["selection"] = method.selection.restore_best(max_step)
+            extra["selection"] = method.selection.restore_best()
             log.info("AffinityNet model: the weights of step %(step)d (selection mIoU %(miou).4f)", extra["selection"])
         save_affinitynet(model_out, method, resolved, **extra)
         discard_checkpoints(work_dir, trained)
