@@ -396,7 +396,7 @@ class PointwiseModel(nn.Module):
         return {"out": self.conv(x)}
 
 
-@pytest.mark.parametrize("fusion", ["mean", "max"])
+@pytest.mark.parametrize("fusion", ["mean", "max", "logit_mean"])
 def test_multiscale_flip_of_constant_model_equals_single_scale(fusion):
     img = np.random.default_rng(0).integers(0, 255, (21, 30, 3), dtype=np.uint8)
     single = predict_probs(ConstModel(), img, InferenceSettings(scales=(1.0,), fusion=fusion))
@@ -404,6 +404,30 @@ def test_multiscale_flip_of_constant_model_equals_single_scale(fusion):
     assert single.shape == (3, 21, 30)
     assert np.allclose(single, multi, atol=1e-6)
     assert np.allclose(single[:, 0, 0], torch.softmax(torch.tensor([0.3, -1.0, 2.0]), 0).numpy(), atol=1e-6)
+
+
+class ScaleModel(torch.nn.Module):
+    """Logits that depend on the input size: [s, -s, 0] with s = input height / 10."""
+
+    def forward(self, x):
+        s = x.shape[-2] / 10.0
+        out = torch.tensor([s, -s, 0.0]).view(1, 3, 1, 1).expand(x.shape[0], 3, *x.shape[-2:])
+        return {"out": out}
+
+
+def test_the_three_fusions_on_hand_computed_views():
+    img = np.zeros((20, 10, 3), np.uint8)
+    scales = (0.5, 1.0, 1.5)  # heights 10, 20, 30: logits s = 1, 2, 3 for class 0, -s for class 1, 0 for class 2
+    views = [torch.tensor([s, -s, 0.0]) for s in (1.0, 2.0, 3.0)]
+    want = {
+        "mean": sum(torch.softmax(v, 0) for v in views) / 3,
+        "max": torch.softmax(torch.stack(views).max(0).values, 0),
+        "logit_mean": torch.softmax(sum(views) / 3, 0),
+    }
+    got = {f: predict_probs(ScaleModel(), img, InferenceSettings(scales=scales, fusion=f))[:, 5, 5] for f in want}
+    for f in want:
+        assert np.allclose(got[f], want[f].numpy(), atol=1e-6), f
+    assert not np.allclose(got["mean"], got["logit_mean"], atol=1e-3)  # the fusions really differ
 
 
 def test_flip_views_are_flipped_back_and_test_size():

@@ -13,7 +13,8 @@ Inference of one image (:func:`predict_probs`):
   ``fusion="max"`` takes the pixel-wise maximum of the logits and then the softmax (BECO
   ``test_msc``; BECO takes the max on the stride-8 grid of the 512x512 input before upsampling,
   here it is taken after upsampling, and BECO's scale list [1.0, 0.75, 1.0, 1.25] is
-  [0.75, 1.0, 1.25] since a repeated view does not change a maximum);
+  [0.75, 1.0, 1.25] since a repeated view does not change a maximum); ``fusion="logit_mean"``
+  averages the logits and then takes the softmax (SEAM / HFPL ``eval_final_voc.py``);
 * optional DeepLab test-time CRF on the fused probabilities
   (:func:`wsss.refine.crf.deeplab_crf`, imported lazily; ``crf_params`` are its keyword options;
   ``crf_image="parity"`` feeds it BECO's image - RGB minus (122.675, 116.669, 104.008) cast to
@@ -124,13 +125,16 @@ def predict_probs(
             logits = torch.cat([logits[:1], logits[1:].flip(-1)])
         logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         for lg in logits:
-            if settings.fusion == "mean":
-                p = torch.softmax(lg, dim=0)
-                fused = p if fused is None else fused + p
-            else:
+            if settings.fusion == "max":
                 fused = lg if fused is None else torch.maximum(fused, lg)
+            else:  # mean of the softmax probabilities, or of the logits (logit_mean)
+                v = torch.softmax(lg, dim=0) if settings.fusion == "mean" else lg
+                fused = v if fused is None else fused + v
             n_views += 1
-    probs = fused / n_views if settings.fusion == "mean" else torch.softmax(fused, dim=0)
+    if settings.fusion == "mean":
+        probs = fused / n_views
+    else:
+        probs = torch.softmax(fused / n_views if settings.fusion == "logit_mean" else fused, dim=0)
     return probs.cpu().numpy().astype(np.float32, copy=False)
 
 

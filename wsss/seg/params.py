@@ -12,6 +12,6 @@ from __future__ import annotations
 
 PSEUDO_MASK_SOURCES = ("seeds", "crf", "irn", "affinitynet", "gt")
 CE_NORMALISATIONS = ("valid", "all")
-FUSIONS = ("mean", "max")
+FUSIONS = ("mean", "max", "logit_mean")
 CRF_IMAGES = ("raw", "parity")
 AUGMENTS = ("resized_crop", "scale_crop")
