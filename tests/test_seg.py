@@ -697,3 +697,45 @@ def test_ddp_two_processes_gloo(tmp_path):
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     params = [v.flatten() for k, v in state["model"].items() if "running" not in k and "num_batches" not in k]
     assert torch.allclose(torch.cat(params), r0["flat"])
+
+
+def test_hsv_jitter_opencv_conversions_and_seam_shift():
+    from wsss.data.transforms import hsv_jitter, hsv_to_rgb_u8, rgb_to_hsv_u8
+
+    # hand-computed OpenCV 8-bit values: red, green, blue, white, black, a grey, a dark orange
+    rgb = np.array(
+        [[[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255], [0, 0, 0], [128, 128, 128], [200, 100, 0]]]
+    )
+    hsv = rgb_to_hsv_u8(rgb.astype(np.uint8))
+    assert hsv[0].tolist() == [
+        [0, 255, 255],
+        [60, 255, 255],
+        [120, 255, 255],
+        [0, 0, 255],
+        [0, 0, 0],
+        [0, 0, 128],
+        [15, 255, 200],
+    ]
+    assert hsv_to_rgb_u8(hsv)[0, :6].tolist() == rgb[0, :6].tolist()  # the pure colours and greys round-trip
+    # the jitter: one (dh, ds, dv) per image from [-r, r], hue modulo 180, S and V clipped
+    img = np.full((4, 5, 3), (200, 100, 0), np.uint8)
+    out = hsv_jitter(img, (10, 10, 10), np.random.default_rng(3))
+    draws = np.random.default_rng(3)
+    dh, ds, dv = (int(draws.integers(-r, r + 1)) for r in (10, 10, 10))
+    want = hsv_to_rgb_u8(np.array([[[(15 + dh) % 180, min(255 + ds, 255), 200 + dv]]], np.uint8))
+    assert (out == want).all() and (dh, ds, dv) != (0, 0, 0)
+    assert (hsv_jitter(img, (0, 0, 0), np.random.default_rng(0)) == hsv_to_rgb_u8(rgb_to_hsv_u8(img))).all()
+
+
+def test_seg_transform_hsv_jitter_switch():
+    img = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    lab = np.zeros((40, 50), np.uint8)
+    plain = SegTrainTransform(augment="scale_crop", crop_size=32, scale_range=(1.0, 1.0), hflip=False)
+    jit = SegTrainTransform(
+        augment="scale_crop", crop_size=32, scale_range=(1.0, 1.0), hflip=False, hsv_jitter=(10, 10, 10)
+    )
+    a, _ = plain(img, lab, np.random.default_rng(1))
+    b, _ = jit(img, lab, np.random.default_rng(1))
+    assert a.shape == b.shape and not np.allclose(a, b)
+    with pytest.raises(ValueError, match="hsv_jitter"):
+        SegTrainTransform(hsv_jitter=(10, -1, 10))

@@ -19,7 +19,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize(img: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def normalize(
+    img: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> np.ndarray:
     """uint8 HxWx3 RGB -> float32 HxWx3, ``(x/255 - mean) / std``."""
     x = img.astype(np.float32) / 255.0
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
@@ -73,9 +75,7 @@ def random_crop(arrays: Sequence[np.ndarray], crop: int, rng: np.random.Generato
     return out
 
 
-def color_jitter(
-    img: np.ndarray, strength: Sequence[float], p: float, rng: np.random.Generator
-) -> np.ndarray:
+def color_jitter(img: np.ndarray, strength: Sequence[float], p: float, rng: np.random.Generator) -> np.ndarray:
     """torchvision's ``RandomApply([ColorJitter(b, c, s, h)], p)`` on a uint8 HxWx3 image, drawn from ``rng``.
 
     With probability ``p``: brightness, contrast and saturation factors uniform in
@@ -165,6 +165,56 @@ class TrainTransform:
             s = s.mean(axis=2)
         x, s = random_crop([x, s], self.crop_size, rng, pad_values=[0.0, 0.0])
         return np.ascontiguousarray(x.transpose(2, 0, 1)), np.ascontiguousarray(s[None])
+
+
+def rgb_to_hsv_u8(img: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit ``COLOR_RGB2HSV``: H in [0, 180) (degrees / 2), S and V in [0, 255], each
+    rounded to the nearest integer (OpenCV rounds fixed-point; the two agree but for rare ties)."""
+    x = img.astype(np.float64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = x.max(-1)
+    diff = v - x.min(-1)
+    safe = np.where(diff > 0, diff, 1.0)
+    h = np.where(v == r, (g - b) / safe, np.where(v == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe)) * 30.0
+    h = np.where(diff > 0, h, 0.0)
+    h = np.where(h < 0, h + 180.0, h)
+    s = np.where(v > 0, 255.0 * diff / np.where(v > 0, v, 1.0), 0.0)
+    out = np.stack([np.floor(h + 0.5) % 180, np.floor(s + 0.5), v], -1)
+    return out.astype(np.uint8)
+
+
+def hsv_to_rgb_u8(hsv: np.ndarray) -> np.ndarray:
+    """OpenCV's 8-bit ``COLOR_HSV2RGB`` (H in [0, 180)) in float32: hue x 6/180 split into sector
+    and fraction, S and V scaled by 1/255, the sector's (v, t, p) / (q, v, p) / ... triple, x 255
+    truncated. Agrees with OpenCV 5.1 to one grey level (on ~5 % of random values it is one lower
+    or higher; OpenCV's 8-bit path rounds in fixed point)."""
+    f32 = np.float32
+    x = hsv.astype(f32)
+    h = x[..., 0] * f32(6.0 / 180.0)
+    s, v = x[..., 1] * f32(1.0 / 255.0), x[..., 2] * f32(1.0 / 255.0)
+    sector = np.floor(h)
+    f = h - sector
+    i = sector.astype(np.int64) % 6
+    one = f32(1.0)
+    p, q, t = v * (one - s), v * (one - s * f), v * (one - s * (one - f))
+    table = np.stack(
+        [np.stack(c, -1) for c in ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0
+    )  # 6 sectors x ... x 3
+    rgb = np.take_along_axis(table, i[None, ..., None].repeat(3, -1), 0)[0]
+    return np.clip(np.floor(rgb * f32(255.0)), 0, 255).astype(np.uint8)
+
+
+def hsv_jitter(img: np.ndarray, ranges: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """SEAM's ``RandomHSV(h_r, s_r, v_r)`` (YudeWang/SEAM and arvijj/hfpl ``lib/datasets/transform.py``,
+    DeepLab training on VOC: 10, 10, 10): integer shifts drawn uniformly from ``[-r, r]`` of the
+    8-bit OpenCV HSV channels, hue modulo 180, saturation and value clipped to [0, 255]."""
+    hr, sr, vr = (int(r) for r in ranges)
+    dh, ds, dv = (int(rng.integers(-r, r + 1)) for r in (hr, sr, vr))
+    hsv = rgb_to_hsv_u8(img).astype(np.int64)
+    hsv[..., 0] = (hsv[..., 0] + dh) % 180
+    hsv[..., 1] = np.clip(hsv[..., 1] + ds, 0, 255)
+    hsv[..., 2] = np.clip(hsv[..., 2] + dv, 0, 255)
+    return hsv_to_rgb_u8(hsv.astype(np.uint8))
 
 
 def multiscale_views(img: np.ndarray, scales: Sequence[float], flip: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -43,7 +43,7 @@ from torch.utils.data import Dataset
 
 from ..data.base import SegDataset
 from ..data.classification import sample_rng
-from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, random_crop, resize
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, hsv_jitter, normalize, random_crop, resize
 from ..io import DataError, read_label_png
 from .params import AUGMENTS
 
@@ -117,10 +117,17 @@ class SegTrainTransform:
     ratio_range: Tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
     attempts: int = 10
     hflip: bool = True
+    hsv_jitter: Optional[Tuple[int, int, int]] = None
     mean: Tuple[float, float, float] = IMAGENET_MEAN
     std: Tuple[float, float, float] = IMAGENET_STD
 
     def __post_init__(self):
+        if self.hsv_jitter is not None and (
+            len(self.hsv_jitter) != 3 or any(isinstance(r, bool) or int(r) != r or r < 0 for r in self.hsv_jitter)
+        ):
+            raise ValueError(
+                f"hsv_jitter must be three integers >= 0 (hue, saturation, value), got {self.hsv_jitter!r}"
+            )
         if self.augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
         lo, hi = self.scale_range
@@ -138,6 +145,8 @@ class SegTrainTransform:
     def __call__(self, img: np.ndarray, label: np.ndarray, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
         """Returns the normalised image ``3 x S x S`` float32 and the label ``S x S`` uint8."""
         s = self.crop_size
+        if self.hsv_jitter is not None:  # SEAM's loader: the HSV shift comes first
+            img = hsv_jitter(img, self.hsv_jitter, rng)
         if self.augment == "resized_crop":
             top, left, ch, cw = resized_crop_box(
                 img.shape[0], img.shape[1], self.scale_range, self.ratio_range, rng, self.attempts
@@ -168,6 +177,7 @@ def transform_from_params(params: Dict) -> SegTrainTransform:
         scale_range=tuple(float(v) for v in params["scale_range"]),
         ratio_range=tuple(float(v) for v in params["ratio_range"]),
         hflip=bool(params["hflip"]),
+        hsv_jitter=None if params["hsv_jitter"] is None else tuple(int(v) for v in params["hsv_jitter"]),
     )
 
 
