@@ -325,6 +325,7 @@ def test_schema_enums_match_the_code():
     for key, names in [
         ("pseudo_masks", seg_params.PSEUDO_MASK_SOURCES),
         ("ce_normalisation", seg_params.CE_NORMALISATIONS),
+        ("param_groups", seg_params.PARAM_GROUPS),
         ("fusion", seg_params.FUSIONS),
         ("crf_image", seg_params.CRF_IMAGES),
         ("augment", seg_params.AUGMENTS),

@@ -739,3 +739,38 @@ def test_seg_transform_hsv_jitter_switch():
     assert a.shape == b.shape and not np.allclose(a, b)
     with pytest.raises(ValueError, match="hsv_jitter"):
         SegTrainTransform(hsv_jitter=(10, -1, 10))
+
+
+def test_seam_param_groups_convs_only_biases_doubled_bn_fixed():
+    """SEAM's deeplabv1 get_parameter_groups + train_final_voc.py: conv weights x1 (head x10), conv
+    biases x2 (head x20) without weight decay; BatchNorm affine parameters are not optimised."""
+    from wsss.engine import TrainConfig, build_optimizer
+    from wsss.seg.train import SegmentationMethod
+
+    torch.manual_seed(0)
+    model = build_seg_model("deeplabv1", num_classes=3, backbone="resnet18_os8")
+    m = SegmentationMethod(model, head_lr_mult=10.0, param_groups="seam")
+    groups = {g["name"]: g for g in m.param_groups()}
+    assert {k: g["lr_mult"] for k, g in groups.items()} == {"backbone": 1.0, "head": 10.0, "head_bias": 20.0}
+    assert groups["head_bias"]["weight_decay"] == 0.0 and "weight_decay" not in groups["head"]
+    convs = [mod for mod in model.modules() if isinstance(mod, torch.nn.Conv2d)]
+    bns = [mod for mod in model.modules() if isinstance(mod, torch.nn.BatchNorm2d)]
+    grouped = {id(p) for g in groups.values() for p in g["params"]}
+    assert grouped == {id(p) for c in convs for p in c.parameters()}  # every conv parameter, nothing else
+    assert bns and not any(id(p) in grouped for b in bns for p in b.parameters())
+    assert model.head[3].bias is not None and id(model.head[3].bias) in {id(p) for p in groups["head_bias"]["params"]}
+    opt = build_optimizer(m.param_groups(), TrainConfig(lr=0.001, weight_decay=5e-4))
+    lrs = {g["name"]: (g["lr"], g["weight_decay"]) for g in opt.param_groups}
+    assert lrs["head_bias"] == (pytest.approx(0.02), 0.0) and lrs["backbone"] == (pytest.approx(0.001), 5e-4)
+    # one step moves no BatchNorm affine parameter, but the layers still normalise with batch statistics
+    before = [b.weight.detach().clone() for b in bns]
+    m.train()
+    batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 3, (2, 32, 32))}
+    opt.zero_grad()
+    sum(m.losses(batch, None).values()).backward()
+    opt.step()
+    assert all(torch.equal(b.weight, w) for b, w in zip(bns, before)) and bns[0].training
+    standard = SegmentationMethod(model, head_lr_mult=10.0).param_groups()
+    assert {g["name"] for g in standard} == {"backbone", "head"}
+    with pytest.raises(ValueError, match="param_groups"):
+        SegmentationMethod(model, param_groups="caffe")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..engine import TrainConfig
 from ..methods.base import Method, StepContext
 from .models import SegModel, build_seg_model
-from .params import CE_NORMALISATIONS
+from .params import CE_NORMALISATIONS, PARAM_GROUPS
 
 IGNORE_INDEX = 255
 
@@ -58,11 +58,15 @@ class SegmentationMethod(Method):
         head_lr_mult: float = 1.0,
         ce_normalisation: str = "all",
         ignore_index: int = IGNORE_INDEX,
+        param_groups: str = "standard",
     ):
         super().__init__()
         if ce_normalisation not in CE_NORMALISATIONS:
             raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {ce_normalisation!r}")
+        if param_groups not in PARAM_GROUPS:
+            raise ValueError(f"param_groups must be one of {PARAM_GROUPS}, got {param_groups!r}")
         self.model = model
+        self.group_style = param_groups
         self.head_lr_mult = float(head_lr_mult)
         self.ce_normalisation = ce_normalisation
         self.ignore_index = int(ignore_index)
@@ -80,11 +84,34 @@ class SegmentationMethod(Method):
 
     def param_groups(self) -> List[Dict[str, Any]]:
         head_ids = {id(p) for m in self.model.head_modules() for p in m.parameters()}
+        if self.group_style == "seam":
+            return self._seam_groups(head_ids)
         head = [p for p in self.model.parameters() if id(p) in head_ids and p.requires_grad]
         rest = [p for p in self.model.parameters() if id(p) not in head_ids and p.requires_grad]
         return [
             {"name": "backbone", "params": rest, "lr_mult": 1.0},
             {"name": "head", "params": head, "lr_mult": self.head_lr_mult},
+        ]
+
+    def _seam_groups(self, head_ids: set) -> List[Dict[str, Any]]:
+        """SEAM's ``get_parameter_groups`` (YudeWang/SEAM, arvijj/hfpl ``lib/net/deeplabv1.py`` with
+        ``train_final_voc.py``): only convolutions are optimised, weights at lr x 1 (head x
+        ``head_lr_mult``), biases at twice that without weight decay; BatchNorm weights and biases
+        stay at their initial values (the layers still normalise with batch statistics)."""
+        groups = {k: [] for k in ("backbone", "backbone_bias", "head", "head_bias")}
+        for m in self.model.modules():
+            if not isinstance(m, torch.nn.Conv2d):
+                continue
+            for p, bias in ((m.weight, False), (m.bias, True)):
+                if p is None or not p.requires_grad:
+                    continue
+                groups[("head" if id(p) in head_ids else "backbone") + ("_bias" if bias else "")].append(p)
+        h = self.head_lr_mult
+        mult = {"backbone": 1.0, "backbone_bias": 2.0, "head": h, "head_bias": 2.0 * h}
+        return [
+            {"name": k, "params": v, "lr_mult": mult[k], **({"weight_decay": 0.0} if k.endswith("_bias") else {})}
+            for k, v in groups.items()
+            if v
         ]
 
     def losses(self, batch: Dict[str, Any], ctx: StepContext) -> Dict[str, torch.Tensor]:
@@ -103,7 +130,12 @@ def build_seg_method(params: Mapping[str, Any], num_classes: int, pretrained: st
         freeze_bn=bool(params["freeze_bn"]),
         **dict(params["model_options"]),
     )
-    return SegmentationMethod(model, head_lr_mult=params["head_lr_mult"], ce_normalisation=params["ce_normalisation"])
+    return SegmentationMethod(
+        model,
+        head_lr_mult=params["head_lr_mult"],
+        ce_normalisation=params["ce_normalisation"],
+        param_groups=params["param_groups"],
+    )
 
 
 def seg_train_config(params: Mapping[str, Any]) -> TrainConfig:
