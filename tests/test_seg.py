@@ -774,3 +774,45 @@ def test_seam_param_groups_convs_only_biases_doubled_bn_fixed():
     assert {g["name"] for g in standard} == {"backbone", "head"}
     with pytest.raises(ValueError, match="param_groups"):
         SegmentationMethod(model, param_groups="caffe")
+
+
+def test_msc_training_terms_are_deeplab_pytorchs():
+    """deeplab-pytorch MSC: CE of the 100 %, 50 %, 75 % logits and of their max, labels resized nearest."""
+    from wsss.seg.train import SegmentationMethod, nearest_resize_labels, segmentation_ce
+
+    torch.manual_seed(0)
+    model = build_seg_model("deeplabv2", num_classes=3, backbone="resnet18_os8").eval()
+    m = SegmentationMethod(model, ce_normalisation="valid", train_scales=(0.5, 0.75))
+    x = torch.randn(1, 3, 64, 64)
+    mask = torch.randint(0, 3, (1, 64, 64))
+    mask[0, :5] = 255
+    terms = m.losses({"image": x, "mask": mask}, None)
+    assert list(terms) == ["ce", "ce_scale50", "ce_scale75", "ce_max"]
+    full = model.pre_logits(x)
+    half = model.pre_logits(F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False))
+    three = model.pre_logits(F.interpolate(x, scale_factor=0.75, mode="bilinear", align_corners=False))
+    assert full.shape[-1] == 8 and half.shape[-1] == 4 and three.shape[-1] == 6
+    up = lambda t: F.interpolate(t, size=(8, 8), mode="bilinear", align_corners=False)  # noqa: E731
+
+    def pil_nearest(lab, n, m=None):  # deeplab-pytorch resize_labels: PIL NEAREST on the float label
+        img = Image.fromarray(lab[0].numpy().astype(np.float32)).resize((m or n, n), Image.NEAREST)
+        return torch.from_numpy(np.array(img)).long()[None]
+
+    rng = np.random.default_rng(0)
+    for shape in [(64, 64, 6, 6), (321, 321, 41, 41), (100, 37, 13, 9), (50, 70, 70, 90)]:
+        lab = torch.from_numpy(rng.integers(0, 21, (1, *shape[:2])))
+        assert torch.equal(nearest_resize_labels(lab, shape[2:]), pil_nearest(lab, *shape[2:])), shape
+
+    want = {
+        "ce": segmentation_ce(full, pil_nearest(mask, 8), 255, "valid"),
+        "ce_scale50": segmentation_ce(half, pil_nearest(mask, 4), 255, "valid"),
+        "ce_scale75": segmentation_ce(three, pil_nearest(mask, 6), 255, "valid"),
+        "ce_max": segmentation_ce(
+            torch.stack([full, up(half), up(three)]).max(0).values, pil_nearest(mask, 8), 255, "valid"
+        ),
+    }
+    for k in want:
+        torch.testing.assert_close(terms[k], want[k], msg=k)
+    assert list(SegmentationMethod(model).losses({"image": x, "mask": mask}, None)) == ["ce"]
+    with pytest.raises(ValueError, match="train_scales"):
+        SegmentationMethod(model, train_scales=(0.0,))

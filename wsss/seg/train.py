@@ -19,8 +19,9 @@ image-level classifier methods).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,6 +48,21 @@ def segmentation_ce(
     return per_pixel.sum() / valid.clamp(min=1)
 
 
+def nearest_resize_labels(mask: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``B x H x W`` labels resized to ``size`` by nearest neighbour exactly as PIL's
+    ``Image.resize(..., NEAREST)`` (deeplab-pytorch ``resize_labels``): output pixel ``i`` takes
+    input ``int(x_i)`` where PIL accumulates ``x_0 = 0.5 * in / out``, ``x_{i+1} = x_i + in / out``
+    in double precision (so ``(i + 0.5) * in / out`` landing on an integer may round down)."""
+
+    def index(n_in: int, n_out: int) -> torch.Tensor:
+        step = n_in / n_out
+        xs = np.cumsum(np.concatenate([[0.5 * step], np.full(n_out - 1, step)]))
+        return torch.from_numpy(np.minimum(xs.astype(np.int64), n_in - 1)).to(mask.device)
+
+    (h, w), (oh, ow) = mask.shape[-2:], size
+    return mask[:, index(h, oh)][:, :, index(w, ow)].long()
+
+
 class SegmentationMethod(Method):
     """A :class:`SegModel` trained with cross-entropy on (pseudo-)masks."""
 
@@ -59,14 +75,18 @@ class SegmentationMethod(Method):
         ce_normalisation: str = "all",
         ignore_index: int = IGNORE_INDEX,
         param_groups: str = "standard",
+        train_scales: Sequence[float] = (),
     ):
         super().__init__()
         if ce_normalisation not in CE_NORMALISATIONS:
             raise ValueError(f"ce_normalisation must be one of {CE_NORMALISATIONS}, got {ce_normalisation!r}")
         if param_groups not in PARAM_GROUPS:
             raise ValueError(f"param_groups must be one of {PARAM_GROUPS}, got {param_groups!r}")
+        if any(not 0 < float(p) for p in train_scales):
+            raise ValueError(f"train_scales must be positive factors, got {list(train_scales)!r}")
         self.model = model
         self.group_style = param_groups
+        self.train_scales = tuple(float(p) for p in train_scales)
         self.head_lr_mult = float(head_lr_mult)
         self.ce_normalisation = ce_normalisation
         self.ignore_index = int(ignore_index)
@@ -115,8 +135,33 @@ class SegmentationMethod(Method):
         ]
 
     def losses(self, batch: Dict[str, Any], ctx: StepContext) -> Dict[str, torch.Tensor]:
+        if self.train_scales:
+            return self._msc_losses(batch["image"], batch["mask"])
         logits = self.model(batch["image"])["out"]
         return {"ce": segmentation_ce(logits, batch["mask"], self.ignore_index, self.ce_normalisation)}
+
+    def _msc_losses(self, x: torch.Tensor, mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """deeplab-pytorch's multi-scale training (kazuto1011/deeplab-pytorch ``libs/models/msc.py``,
+        ``main.py``): the network's own-resolution logits of the crop and of the crop rescaled by
+        each of ``train_scales`` (bilinear), and their pixel-wise maximum after resizing to the
+        first; each scored against the mask resized to its size (nearest, as PIL does); the terms
+        ``ce``, ``ce_scale<percent>`` and ``ce_max`` are summed by the engine."""
+        base = self.model.pre_logits(x)
+        size = tuple(base.shape[-2:])
+        outs = {"ce": base}
+        for p in self.train_scales:
+            scaled = F.interpolate(x, scale_factor=p, mode="bilinear", align_corners=False)
+            outs[f"ce_scale{round(p * 100)}"] = self.model.pre_logits(scaled)
+        resized = [
+            v if tuple(v.shape[-2:]) == size else F.interpolate(v, size=size, mode="bilinear", align_corners=False)
+            for v in outs.values()
+        ]
+        outs["ce_max"] = torch.stack(resized).max(0).values
+        terms = {}
+        for name, logits in outs.items():
+            target = nearest_resize_labels(mask, tuple(logits.shape[-2:]))
+            terms[name] = segmentation_ce(logits, target, self.ignore_index, self.ce_normalisation)
+        return terms
 
 
 def build_seg_method(params: Mapping[str, Any], num_classes: int, pretrained: str | None = None) -> SegmentationMethod:
@@ -135,6 +180,7 @@ def build_seg_method(params: Mapping[str, Any], num_classes: int, pretrained: st
         head_lr_mult=params["head_lr_mult"],
         ce_normalisation=params["ce_normalisation"],
         param_groups=params["param_groups"],
+        train_scales=params["train_scales"],
     )
 
 
