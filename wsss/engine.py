@@ -261,8 +261,8 @@ def train(
     exists and was made with the same resolved config, training continues after its epoch; a
     checkpoint of another config is refused. Once ``out_path`` is written, ``last.pt`` (model plus
     optimiser state, twice the model's size or more) is deleted; ``keep_checkpoint`` leaves it for a
-    caller whose stage goes on after training (IRN's mean shift) and deletes it itself at the end. ``stop_after_epochs`` ends this call early (used to
-    test resuming). The final file holds ``model`` (state_dict), ``config``, ``config_hash``,
+    caller whose stage goes on after training (IRN's mean shift) and deletes it itself at the end.
+    ``stop_after_epochs`` ends this call early (used to test resuming). The final file holds ``model`` (state_dict), ``config``, ``config_hash``,
     ``package_version`` and ``method``. ``distributed``: ``None`` = DDP when ``WORLD_SIZE`` > 1
     (see the module docstring). ``on_step_end(n)`` runs after each update with the number of updates
     done so far (1, 2, ...; on every rank), ``on_epoch_end(epoch)`` after each epoch's checkpoint;
