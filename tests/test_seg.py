@@ -816,3 +816,32 @@ def test_msc_training_terms_are_deeplab_pytorchs():
     assert list(SegmentationMethod(model).losses({"image": x, "mask": mask}, None)) == ["ce"]
     with pytest.raises(ValueError, match="train_scales"):
         SegmentationMethod(model, train_scales=(0.0,))
+
+
+def test_views_are_resized_with_the_networks_align_corners():
+    """SEAM's eval_final_voc.py resizes each view's logits with align_corners=True, as its DeepLab-v1
+    upsamples; BECO and deeplab-pytorch use False. predict_probs follows the network."""
+    from wsss.seg.train import SegmentationMethod
+
+    class Ramp(torch.nn.Module):  # logits: a horizontal ramp on a 2 x 3 grid, whatever the input size
+        align_corners = False
+
+        def forward(self, x):
+            r = torch.tensor([[0.0, 1.0, 2.0]]).expand(2, 3)
+            return {"out": torch.stack([r, -r, torch.zeros(2, 3)])[None].expand(x.shape[0], 3, 2, 3)}
+
+    img = np.zeros((4, 6, 3), np.uint8)
+    got = {}
+    for ac in (False, True):
+        m = Ramp()
+        m.align_corners = ac
+        got[ac] = predict_probs(m, img, InferenceSettings(scales=(1.0,), fusion="logit_mean"))
+        ramp = F.interpolate(torch.tensor([[[[0.0, 1.0, 2.0]] * 2]]), size=(4, 6), mode="bilinear", align_corners=ac)[
+            0, 0
+        ]
+        want = torch.softmax(torch.stack([ramp, -ramp, torch.zeros_like(ramp)]), 0).numpy()
+        assert np.allclose(got[ac], want, atol=1e-6), ac
+    assert not np.allclose(got[False], got[True])
+    v1 = SegmentationMethod(build_seg_model("deeplabv1", num_classes=3, backbone="resnet18_os8"))
+    v2 = SegmentationMethod(build_seg_model("deeplabv2", num_classes=3, backbone="resnet18_os8"))
+    assert v1.align_corners is True and v2.align_corners is False

@@ -8,8 +8,9 @@ Inference of one image (:func:`predict_probs`):
 * for each scale ``s`` of ``scales`` the (resized) image is rescaled (bilinear, size
   ``round(h*s) x round(w*s)``), normalised and run; with ``flip`` its horizontal flip is run in the
   same batch and flipped back;
-* every view's logits are resized bilinearly (``align_corners=False``) to the original H x W and
-  fused: ``fusion="mean"`` (default) averages the softmax probabilities of all views;
+* every view's logits are resized bilinearly to the original H x W (``align_corners`` of the
+  model: False for DeepLab-v2/v3+ as BECO and deeplab-pytorch, True for SEAM's DeepLab-v1 as its
+  ``eval_final_voc.py``) and fused: ``fusion="mean"`` (default) averages the softmax probabilities of all views;
   ``fusion="max"`` takes the pixel-wise maximum of the logits and then the softmax (BECO
   ``test_msc``; BECO takes the max on the stride-8 grid of the 512x512 input before upsampling,
   here it is taken after upsampling, and BECO's scale list [1.0, 0.75, 1.0, 1.25] is
@@ -110,6 +111,8 @@ def predict_probs(
         first = next(iter(model.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
     h, w = img.shape[:2]
+    # the network's own upsampling convention (SEAM's DeepLab-v1: align_corners=True in eval_final_voc.py too)
+    align_corners = bool(getattr(model, "align_corners", False))
     base = img if settings.test_size is None else resize(img, tuple(settings.test_size), Image.BILINEAR)
     fused: Optional[torch.Tensor] = None
     n_views = 0
@@ -123,7 +126,7 @@ def predict_probs(
         logits = _logits(model, x.to(device)).float()
         if settings.flip:
             logits = torch.cat([logits[:1], logits[1:].flip(-1)])
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=align_corners)
         for lg in logits:
             if settings.fusion == "max":
                 fused = lg if fused is None else torch.maximum(fused, lg)

@@ -99,6 +99,11 @@ class SegmentationMethod(Method):
     def num_classes(self) -> int:
         return self.model.num_classes
 
+    @property
+    def align_corners(self) -> bool:
+        """The network's upsampling convention (read by :func:`wsss.seg.evaluate.predict_probs`)."""
+        return bool(self.model.align_corners)
+
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.model(images)
 
