@@ -210,6 +210,12 @@ def test_every_preset_runs_end_to_end(tmp_path):
         assert (work / run / "classifier" / "model.pt").exists()
         refine = {"aeft": "affinitynet", "hfpl": "affinitynet", "smaf": "crf"}.get(paper, "irn/masks")
         assert any((work / run / refine).iterdir()), (paper, refine)
+        if paper == "aeft":  # AEFT's model selection ran in the DAG: one evaluation per step, the best kept
+            rows = pd.read_csv(work / run / "affinitynet" / "work" / "selection.csv")
+            assert rows["step"].tolist() == [1, 2]
+            chosen = torch.load(work / run / "affinitynet" / "model.pt", weights_only=False)["selection"]
+            assert chosen["step"] == int(rows["best_step"].iloc[-1])
+            assert not (work / run / "affinitynet" / "work" / "last.pt").exists()
         if paper == TO_SUMMARY:
             summary = pd.read_csv(work / target)
             assert summary["experiment"].tolist() == [EXPERIMENT[paper]]
