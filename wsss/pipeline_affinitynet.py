@@ -95,8 +95,7 @@ def train_affinitynet_stage(
     select = cfg["affinitynet"]["train"].get("select") is not None
     if select and not cam_paths:
         raise ValueError("affinitynet.train.select needs the CAM shards (cam_paths)")
-    with contextlib.ExitStack() as stack:
-        store = stack.enter_context(CamStore(cam_paths)) if select else None
+    with CamStore(cam_paths) if select else contextlib.nullcontext() as store:
         return train_affinitynet(
             ds,
             ids,

@@ -55,7 +55,14 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import config_hash
-from ..engine import discard_checkpoints, load_model_state, save_checkpoint, train, train_config_from
+from ..engine import (
+    discard_checkpoints,
+    load_model_state,
+    save_checkpoint,
+    steps_per_epoch,
+    train,
+    train_config_from,
+)
 from ..io import DataError, voc_palette, write_label_png, write_text_atomic
 from ..methods.base import Method, StepContext
 from ..metrics import ConfusionMatrix
@@ -924,7 +931,7 @@ def train_affinitynet(
     cfg = train_config_from({**dataclasses.asdict(p), "drop_last": True})  # the training keys of the section
     work_dir = Path(work_dir)
     trained = work_dir / "trained.pt"
-    max_step = (len(ids) // p.batch_size) * p.epochs  # drop_last, one process (selection runs without DDP)
+    max_step = steps_per_epoch(len(ids), p.batch_size, True) * p.epochs  # one process: selection refuses DDP
     if p.select is not None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raise ValueError("affinitynet.train.select runs in one process; train without torchrun or set select: null")
