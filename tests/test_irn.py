@@ -245,6 +245,35 @@ def test_losses_are_weighted_as_reference_and_only_branches_get_gradients():
     assert n_branch == sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
+def test_trainable_from_fine_tunes_the_backbone_from_that_stage():
+    torch.manual_seed(0)
+    m = IRNMethod("resnet18", pretrained="none", radius=5, trainable_from="stage3")
+    m.train()
+    assert not m.backbone.training  # BatchNorm statistics stay fixed
+    x = torch.randn(2, 3, 64, 64)
+    label = torch.randint(0, 3, (2, 16, 16))
+    sum(_weighted_terms_sum(m, {"image": x, "label": label}).values()).backward()
+    bb = m.backbone
+    for name, mods in bb.stage_modules():
+        params = [p for mod in mods for p in mod.parameters() if not isinstance(mod, torch.nn.BatchNorm2d)]
+        convs = [p for p in params if p.dim() == 4]
+        if name in ("stage1", "stage2"):
+            assert all(p.grad is None and not p.requires_grad for p in params), name
+        else:
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in convs), name
+    assert all(
+        not p.requires_grad for mod in bb.modules() if isinstance(mod, torch.nn.BatchNorm2d) for p in mod.parameters()
+    )
+    groups = {g["name"]: g for g in m.param_groups()}
+    assert groups["backbone"]["lr_mult"] == 1.0
+    assert {id(p) for p in groups["backbone"]["params"]} == {id(p) for p in bb.parameters() if p.requires_grad}
+    n_trained = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert n_trained == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert m.arch()["trainable_from"] == "stage3"
+    with pytest.raises(ValueError, match="unknown trainable_from 'layer9'.*stage1"):
+        IRNMethod("resnet18", pretrained="none", trainable_from="layer9")
+
+
 def test_resnet50_branch_shapes_and_channels():
     m = IRNMethod("resnet50", pretrained="none")
     assert m.edge6.in_channels == 160 and m.edge6.bias is not None
@@ -454,6 +483,7 @@ IRN_DEFAULTS = {
     "irn.train": {
         "backbone": "resnet18",
         "pretrained": "classifier",
+        "trainable_from": None,
         "crop_size": 128,
         "rescale": [0.5, 1.5],
         "hflip": True,

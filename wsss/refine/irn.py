@@ -29,7 +29,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -150,13 +150,16 @@ class IRNMethod(Method):
         dp_lr_mult: float = 10.0,
         affinity_weight: float = 0.5,
         displacement_weight: float = 0.5,
+        trainable_from: Optional[str] = None,
     ):
         super().__init__()
         if isinstance(backbone, str):
             self.backbone_name = backbone
-            # "stage4" (the last stage) freezes stages 1-3; layer4 is frozen below: no
-            # trainable_from value freezes every stage.
-            backbone = build_backbone(backbone, pretrained=pretrained, freeze_bn=True, trainable_from="stage4")
+            # "stage4" (the last stage) freezes stages 1-3; layer4 is frozen below unless
+            # trainable_from is set: no trainable_from value of the backbone freezes every stage.
+            backbone = build_backbone(
+                backbone, pretrained=pretrained, freeze_bn=True, trainable_from=trainable_from or "stage4"
+            )
         else:
             self.backbone_name = getattr(backbone, "arch", type(backbone).__name__)
         if not isinstance(backbone, ResNet):
@@ -167,8 +170,14 @@ class IRNMethod(Method):
         if st["stage1"] != STRIDE or st["stage2"] != 2 * STRIDE:
             raise ValueError(f"IRN needs stage strides 4 and 8 for layer1/layer2, got {st}")
         self.backbone = backbone
-        for p in self.backbone.parameters():
-            p.requires_grad_(False)
+        self.trainable_from = trainable_from
+        if trainable_from is None:
+            for p in self.backbone.parameters():
+                p.requires_grad_(False)
+        elif trainable_from not in backbone.stage_names:
+            raise ValueError(
+                f"IRN: unknown trainable_from {trainable_from!r}; valid values: null, {', '.join(backbone.stage_names)}"
+            )
         self.backbone.eval()
 
         ch = backbone.tap_channels
@@ -206,7 +215,8 @@ class IRNMethod(Method):
         return [self.dp1, self.dp2, self.dp3, self.dp4, self.dp5, self.dp6, self.dp7]
 
     def param_groups(self) -> List[Dict[str, Any]]:
-        return [
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        return ([{"name": "backbone", "params": backbone, "lr_mult": 1.0}] if backbone else []) + [
             {
                 "name": "edge",
                 "params": [p for m in self.edge_modules() for p in m.parameters()],
@@ -233,19 +243,28 @@ class IRNMethod(Method):
             "dp_lr_mult": self.dp_lr_mult,
             "affinity_weight": self.affinity_weight,
             "displacement_weight": self.displacement_weight,
+            "trainable_from": self.trainable_from,
         }
 
     # -- forward ------------------------------------------------------------------------------
     def features(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """Detached backbone taps: stem, layer1, layer2, layer3, layer4."""
+        """Backbone taps: stem, layer1, layer2, layer3, layer4 (detached unless their stage trains,
+        ``trainable_from``)."""
         bb = self.backbone
-        with torch.no_grad():
-            x1 = bb.maxpool(bb.relu(bb.bn1(bb.conv1(x))))
-            x2 = bb.layer1(x1)
-            x3 = bb.layer2(x2)
-            x4 = bb.layer3(x3)
-            x5 = bb.layer4(x4)
-        return [t.detach() for t in (x1, x2, x3, x4, x5)]
+        frozen = self.trainable_from is None
+
+        def stage(name: str, fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+            if frozen or bb.is_frozen_stage(name):
+                with torch.no_grad():
+                    return fn(t).detach()
+            return fn(t)
+
+        x1 = stage("stage1", lambda t: bb.maxpool(bb.relu(bb.bn1(bb.conv1(t)))), x)
+        x2 = stage("stage1", bb.layer1, x1)
+        x3 = stage("stage2", bb.layer2, x2)
+        x4 = stage("stage3", bb.layer3, x3)
+        x5 = stage("stage4", bb.layer4, x4)
+        return [x1, x2, x3, x4, x5]
 
     def branches(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Boundary logits ``B × 1 × h × w`` and the displacement *before* :class:`MeanShift`
@@ -662,7 +681,14 @@ def train_irn(
     train_set = IRNTrainSet(ds, ids, label_dir, p.crop_size, p.rescale, p.hflip, p.seed)
     torch.manual_seed(p.seed)
     method = IRNMethod(
-        p.backbone, p.pretrained, p.radius, p.edge_lr_mult, p.dp_lr_mult, p.affinity_weight, p.displacement_weight
+        p.backbone,
+        p.pretrained,
+        p.radius,
+        p.edge_lr_mult,
+        p.dp_lr_mult,
+        p.affinity_weight,
+        p.displacement_weight,
+        trainable_from=p.trainable_from,
     )
     cfg = train_config_from({**dataclasses.asdict(p), "drop_last": True})  # the training keys of the section
     work_dir = Path(work_dir)

@@ -58,6 +58,7 @@ class IRNTrainParams(_Params):
     SECTION = "irn.train"
     backbone: str
     pretrained: str
+    trainable_from: Optional[str]
     crop_size: int
     rescale: Tuple[float, float]
     hflip: bool
