@@ -147,7 +147,8 @@ DRY_JOBS = {
     "irn": {"train_irn": 1},
     "aeft": {"train_affinitynet": 1, "affinity_labels_shard": 2},
     "acr": {"train_irn": 1},
-    "hfpl": {"train_affinitynet": 1, "affinity_labels_shard": 2},
+    # five runs (seeds 0-4), as HFPL's Table 2
+    "hfpl": {"train_classifier": 5, "train_deeplab": 5, "train_affinitynet": 5, "affinity_labels_shard": 10},
     "smaf": {"train_classifier": 2, "train_deeplab": 2},
     "ktse": {"train_irn": 1},
 }
@@ -173,6 +174,8 @@ def test_preset_dry_runs_on_voc(fake_voc, paper):
         assert counts.get(job) == n, (job, out)
     assert counts["summary_table"] == 1
     assert f"results/voc12/{EXPERIMENT[paper]}/s0/deeplab/metrics.csv" in out
+    if paper == "hfpl":
+        assert all(f"results/voc12/hfpl/s{seed}/deeplab/metrics.csv" in out for seed in range(5))
     assert "results/voc12/baseline/" not in out  # config.yaml's baseline is dropped
 
 
