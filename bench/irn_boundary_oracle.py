@@ -9,7 +9,8 @@ For every image of ``dataset.eval_split`` of a finished run, IRN's random walk (
 * **none**: a zero boundary map (the CAMs diffuse freely over the image).
 
 It prints the mIoU, the mean precision and the per-class IoU of each next to the run's seeds (the
-threshold chosen on the sweep), at the run's walk background threshold or at each ``--bg-thresh``. Where the true outlines lift the masks far above the learned
+threshold chosen on the sweep), at the run's walk background threshold or at each ``--bg-thresh``, and with the run's number of
+walk steps or 2^(n + delta) for each ``--steps-delta``. Where the true outlines lift the masks far above the learned
 boundaries, better boundary training pays; where they stay near the seeds, the CAMs limit IRN
 (classes whose CAM fires on the wrong region keep their low precision however good the outlines
 are). Ground truth enters only this diagnostic, never the workflow. Needs the run's CAM shards and
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -61,13 +63,21 @@ def chosen_seeds(sweep_csv: Path) -> dict:
 
 
 def walk_confusions(
-    ds, store: CamStore, irn_model: Path, params: IRNInferParams, split: str, bg_thresholds, scale: float = 1.0
+    ds,
+    store: CamStore,
+    irn_model: Path,
+    params: IRNInferParams,
+    split: str,
+    bg_thresholds,
+    scale: float = 1.0,
+    steps_deltas=(0,),
 ):
-    """``{(walk name, background threshold): ConfusionMatrix}`` over the ``split`` images (see the
-    module docstring); the walk runs once per boundary map, the labels once per threshold; at
+    """``{(walk name, steps delta, background threshold): ConfusionMatrix}`` over the ``split``
+    images (see the module docstring); the walk runs once per boundary map and steps delta (2^(n +
+    delta) steps, n = the run's exponent for the map size), the labels once per threshold; at
     ``scale`` != 1 on the image enlarged that much (module docstring)."""
     method = load_irn(irn_model, torch.device("cpu"))
-    cms = {(name, t): ConfusionMatrix(ds.num_classes) for name in WALKS for t in bg_thresholds}
+    cms = {(name, d, t): ConfusionMatrix(ds.num_classes) for name in WALKS for d in steps_deltas for t in bg_thresholds}
     for image_id in ds.ids(split):
         rec = store.get(image_id, fields=("keys", "cam"))
         img, gt = ds.load_image(image_id), ds.load_mask(image_id)
@@ -90,15 +100,14 @@ def walk_confusions(
             "true outlines": outline_boundary_map(walk_gt),
             "none": torch.zeros(strided),
         }
-        for name, edge in edges.items():
-            rw = random_walk(
-                cam, edge.float(), params.radius, params.beta, params.steps_exponent(strided), method=params.walk
-            )
+        for (name, edge), d in itertools.product(edges.items(), steps_deltas):
+            exponent = max(0, params.steps_exponent(strided) + d)
+            rw = random_walk(cam, edge.float(), params.radius, params.beta, exponent, method=params.walk)
             for t in bg_thresholds:
                 labels = sem_seg_from_walk(rw, keys, size, t)[0]
                 if size != (h, w):
                     labels = resize(labels.astype(np.uint8), (h, w), Image.NEAREST)
-                cms[(name, t)].update(gt, labels)
+                cms[(name, d, t)].update(gt, labels)
     return cms
 
 
@@ -117,6 +126,13 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--scale", type=float, default=1.0, help="walk on the image enlarged this much (1: the workflow's walk)"
+    )
+    ap.add_argument(
+        "--steps-delta",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="walk 2^(n + delta) steps, n = the run's exponent (irn.infer exp_times / walk_size); default 0",
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -137,7 +153,14 @@ def main(argv=None) -> int:
     split = cfg["dataset"]["eval_split"]
     thresholds = args.bg_thresh or [params.bg_thresh]
     cms = walk_confusions(
-        ds, CamStore(shards), run_dir / "irn" / "model.pt", params, split, thresholds, scale=args.scale
+        ds,
+        CamStore(shards),
+        run_dir / "irn" / "model.pt",
+        params,
+        split,
+        thresholds,
+        scale=args.scale,
+        steps_deltas=args.steps_delta,
     )
 
     seeds = chosen_seeds(run_dir / "seeds" / "threshold_sweep.csv")
@@ -149,11 +172,12 @@ def main(argv=None) -> int:
     print(
         f"  seeds (threshold {float(seeds['threshold']):g}): {100 * float(seeds['miou']):.1f} / {100 * float(seeds['mean_precision']):.1f} | {per_class}"
     )
-    for (name, t), cm in cms.items():
+    for (name, d, t), cm in cms.items():
         iou = cm.iou()
         per_class = " ".join(f"{n} {100 * v:.1f}" for n, v in zip(names, iou))
+        steps = f" steps 2^(n{d:+d})," if args.steps_delta != [0] else ""
         print(
-            f"  IRN walk, {name + ',':14s} threshold {t:g}: {100 * cm.miou:.1f} / {100 * cm.mean_precision:.1f} | {per_class}"
+            f"  IRN walk, {name + ',':14s}{steps} threshold {t:g}: {100 * cm.miou:.1f} / {100 * cm.mean_precision:.1f} | {per_class}"
         )
     return 0
 
