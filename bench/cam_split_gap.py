@@ -10,12 +10,15 @@ dataset it ran on, this prints:
 * on each split, the fraction of ground-truth background pixels whose CAM is above the threshold
   (raw CAM foreground) and, with ``--ir-labels``, the fractions of background pixels that are
   confident foreground and of object pixels that are confident foreground / confident background /
-  ignored in the IR labels: what IRN's boundary network is told to enclose.
+  ignored in the IR labels: what IRN's boundary network is told to enclose;
+* with ``--masks``, the mIoU and per-class IoU of each pseudo-mask folder (CRF, IRN, ...) on each
+  split: the masks DeepLab trains on are those of ``train_aug``, not of the evaluation split.
 
 Ground truth enters only this diagnostic. Run from the directory the workflow ran in, e.g.::
 
     python bench/cam_split_gap.py --data data/synthetic --cams results/synthetic/baseline/s0/cams/*.h5 \\
-        --ir-labels results/synthetic/baseline/s0/irn/ir_labels/masks-* --threshold 0.35
+        --ir-labels results/synthetic/baseline/s0/irn/ir_labels/masks-* --threshold 0.35 \\
+        --masks crf=results/synthetic/baseline/s0/crf/masks-* irn=results/synthetic/baseline/s0/irn/masks/masks-*
 """
 
 from __future__ import annotations
@@ -44,7 +47,11 @@ def main() -> None:
     ap.add_argument("--ir-labels", default=None, help="the run's IR-label folder (irn/ir_labels/masks-<hash>)")
     ap.add_argument("--threshold", type=float, required=True, help="seed background threshold")
     ap.add_argument("--splits", nargs="+", default=["train_aug", "val"])
+    ap.add_argument("--masks", nargs="+", default=[], help="NAME=FOLDER pseudo-mask folders to evaluate on each split")
     args = ap.parse_args()
+    masks = dict(m.split("=", 1) for m in args.masks)
+    if any(not name or not folder for name, folder in masks.items()):
+        ap.error(f"--masks takes NAME=FOLDER entries, got {args.masks}")
 
     cfg = validate_config({"dataset": {"name": args.dataset, "root": args.data}}, extra_checks=False)
     ds = open_dataset(cfg)
@@ -57,6 +64,7 @@ def main() -> None:
             counts = {}
             bg = bg_cam_fg = obj = 0
             ir = np.zeros(4, np.int64)  # bg called fg, obj fg, obj bg, obj ignored
+            mask_cms = {name: ConfusionMatrix(ds.num_classes) for name in masks}
             for i in ids:
                 rec = store.get(i, ("keys", "high_res"))
                 gt = ds.load_mask(i)
@@ -69,6 +77,8 @@ def main() -> None:
                 bg += int(is_bg.sum())
                 obj += int(is_obj.sum())
                 bg_cam_fg += int((is_bg & (pred > 0)).sum())
+                for name, folder in masks.items():
+                    mask_cms[name].update(gt, read_label_png(Path(folder) / f"{i}.png"))
                 if args.ir_labels:
                     lab = read_label_png(Path(args.ir_labels) / f"{i}.png")
                     conf_fg = (lab > 0) & (lab < 255)
@@ -91,6 +101,9 @@ def main() -> None:
                     f"{100 * ir[1] / obj:.1f} % / confident bg {100 * ir[2] / obj:.1f} % / ignored {100 * ir[3] / obj:.1f} %"
                 )
             print(line)
+            for name, cm in mask_cms.items():
+                per_class = " ".join(f"{c} {100 * v:.1f}" for c, v in zip(ds.class_names, cm.iou()))
+                print(f"{split}: {name} masks mIoU {100 * cm.miou:.1f} | {per_class}")
 
 
 if __name__ == "__main__":
