@@ -118,7 +118,9 @@ class IRNMethod(Method):
     Backbone taps (torchvision ResNet in IRN's stride layout, :class:`wsss.models.backbones.ResNet`):
     stem = conv1+bn1+relu+maxpool (64 ch, stride 4), ``layer1`` (stride 4), ``layer2`` (8),
     ``layer3`` (16), ``layer4`` (16). The backbone runs in eval mode under ``torch.no_grad()``
-    (every output detached, BatchNorm fixed, no parameter trains); its channel counts come from
+    (every output detached, BatchNorm fixed, no parameter trains). ``trainable_from`` (not IRN; for
+    backbones without ImageNet features) names the first stage that trains with the branches, in a
+    ``backbone`` parameter group at lr × 1; BatchNorm stays fixed. Its channel counts come from
     ``tap_channels`` and the upsampling factors from ``tap_strides``, so ``resnet18`` (CPU runs) or
     ``resnet50_os8`` work too. For ResNet-50:
 
