@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     print(f"{args.run} on {split} ({n_images} images{at}), mIoU / mean precision / per-class IoU, in %:")
     per_class = " ".join(f"{n} {100 * float(seeds[f'iou.{n}']):.1f}" for n in names)
     print(
-        f"  seeds (threshold {float(seeds['threshold']):g}): {100 * float(seeds['miou']):.1f} / {100 * float(seeds['mean_precision']):.1f} | {per_class}"
+        f"  seeds (threshold {float(seeds['threshold']):g}, the run's sweep on {seeds.get('split', '?')}): {100 * float(seeds['miou']):.1f} / {100 * float(seeds['mean_precision']):.1f} | {per_class}"
     )
     for (name, d, t), cm in cms.items():
         iou = cm.iou()
