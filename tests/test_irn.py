@@ -272,6 +272,12 @@ def test_trainable_from_fine_tunes_the_backbone_from_that_stage():
     assert m.arch()["trainable_from"] == "stage3"
     with pytest.raises(ValueError, match="unknown trainable_from 'layer9'.*stage1"):
         IRNMethod("resnet18", pretrained="none", trainable_from="layer9")
+    from wsss.models.backbones import build_backbone
+
+    built = build_backbone("resnet18", trainable_from="stage3")  # a backbone object must agree
+    with pytest.raises(ValueError, match="trainable_from 'stage1', but the given backbone trains from 'stage3'"):
+        IRNMethod(built, trainable_from="stage1")
+    assert IRNMethod(built, trainable_from="stage3").trainable_from == "stage3"
 
 
 def test_resnet50_branch_shapes_and_channels():

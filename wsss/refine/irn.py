@@ -180,6 +180,11 @@ class IRNMethod(Method):
             raise ValueError(
                 f"IRN: unknown trainable_from {trainable_from!r}; valid values: null, {', '.join(backbone.stage_names)}"
             )
+        elif (backbone.trainable_from or backbone.stage_names[0]) != trainable_from:
+            raise ValueError(
+                f"IRN: trainable_from {trainable_from!r}, but the given backbone trains from "
+                f"{backbone.trainable_from or backbone.stage_names[0]!r}; build it with trainable_from={trainable_from!r}"
+            )
         self.backbone.eval()
 
         ch = backbone.tap_channels
